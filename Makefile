@@ -1,0 +1,16 @@
+# The two set-up commands of the README: `make run` (the pipeline on the embedded default) and `make test`.
+PYTHON ?= python
+PROFILE ?= tiny
+
+.PHONY: install run test
+
+# torch first, pinned: an unpinned torch would pull a CUDA build of several GB on a CPU machine.
+install:
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[test,stack]"
+
+run: install
+	midpo run --profile $(PROFILE)
+
+test: install
+	$(PYTHON) -m pytest -q

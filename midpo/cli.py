@@ -1,0 +1,117 @@
+"""The ``midpo`` command line (interfaces.md). Each subcommand is a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("midpo")
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="tiny", help="profile name (tiny, tiny-ci, smollm2, alpaca7b) or a .yaml file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. data.eval_fraction=0.2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="midpo", description="MidPO: safe and helpful alignment with a mixture of two preference experts.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline on a profile")
+    _profile_args(run)
+    run.add_argument("--report-dir", type=Path, help="where metrics.json and the report go (default under $MIDPO_HOME/reports)")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved stage plan and which stages are cache hits")
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="validate or prepare preference data").add_subparsers(dest="data_command", required=True)
+    validate = data.add_parser("validate", help="check a file without training")
+    validate.add_argument("path", help="a path, file://, s3:// URI or builtin:NAME")
+    validate.add_argument("--format", default="auto", choices=["auto", "pku", "hh", "alpaca-eval", "prompts", "completions"])
+    validate.add_argument("--json", action="store_true", help="print one JSON object")
+    validate.set_defaults(func=cmd_validate)
+    prep = data.add_parser("prepare", help="canonical dataset + subsets + splits under the artifact root")
+    _profile_args(prep)
+    prep.add_argument("--source", action="append", default=[], metavar="URI", help="use these sources instead of the profile's (format auto)")
+    prep.add_argument("--out", help="artifact root (file://... or s3://bucket/prefix); default $MIDPO_ARTIFACT_ROOT")
+    prep.set_defaults(func=cmd_prepare)
+
+    config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="print the resolved, validated config as YAML")
+    _profile_args(show)
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from midpo.config import load_config
+    from midpo.pipeline import PLANNED, default_report_dir, run_pipeline, stages_for
+
+    cfg = load_config(args.profile, args.overrides)
+    summary = run_pipeline(cfg, report_dir=args.report_dir or default_report_dir(cfg.profile), dry_run=args.dry_run)
+    for stage in stages_for(cfg):
+        status = "cache hit" if stage.name in summary.cache_hits else ("would run" if args.dry_run else "ran")
+        seconds = "" if args.dry_run else f" {summary.stage_seconds[stage.name]:.1f}s"
+        print(f"{stage.name:10s} {status}{seconds}")
+    print(f"not implemented yet: {', '.join(PLANNED)}")
+    if summary.report_dir is not None:
+        print(f"report: {summary.report_dir}  (metrics.json)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from midpo.data.validate import run_validate
+
+    return run_validate(args.path, args.format, args.json)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from midpo.config import SourceConfig, load_config
+    from midpo.pipeline import run_pipeline
+
+    cfg = load_config(args.profile, args.overrides)
+    if args.source:
+        cfg.data.sources = [SourceConfig(uri=u) for u in args.source]
+    if args.out:
+        os.environ["MIDPO_ARTIFACT_ROOT"] = args.out
+    summary = run_pipeline(cfg, until="data", report_dir=None)
+    dataset = summary.outputs["dataset"]
+    if "data" in summary.cache_hits:
+        print(f"dataset {dataset.version} already exists at {dataset.uri}: nothing to do")
+    else:
+        for name, value in summary.stage_metrics["data"].items():
+            print(f"{name:32s} {value:8.0f}")
+        print(f"written to {dataset.uri}")
+    print(f"dataset_version={dataset.version}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from midpo.config import load_config
+
+    print(load_config(args.profile, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "urllib3", "botocore", "httpx", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from midpo.config import ConfigError
+    from midpo.data.prepare import DataError
+    from midpo.storage import NotFound
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, NotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

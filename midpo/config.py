@@ -1,0 +1,259 @@
+"""Typed configuration: one dataclass per stage section, loaded from a YAML profile plus ``--set`` overrides.
+
+A profile is ``configs/<name>.yaml`` (shipped as the package ``midpo_configs``) or any YAML file. Loading
+is strict: an unknown key, a wrong type or a missing file is a :class:`ConfigError` that names the key
+and the file it came from. Each stage function receives only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from midpo.data.schema import PROMPT_KINDS, content_hash
+from midpo.world.config import WorldConfig
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and where it came from."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class SourceConfig:
+    """One preference source: a path, file:// or s3:// URI, ``builtin:NAME`` (vendored data), a hub id, or
+    ``artifact:OUTPUT/PATH``, a file of an earlier stage's output (e.g. ``artifact:world/pairs.jsonl``)."""
+
+    uri: str
+    format: Literal["auto", "pku", "hh", "alpaca-eval"] = "auto"
+    prompt_kind: str | None = None  # set the prompt kind of every record of this source
+
+    def __post_init__(self) -> None:
+        if self.prompt_kind is not None and self.prompt_kind not in PROMPT_KINDS:
+            raise ValueError(f"prompt_kind must be one of {PROMPT_KINDS} or null, got {self.prompt_kind!r}")
+
+
+@dataclass
+class DataConfig:
+    """Data preparation: sources, subset rules (midpo-method.md) and the prompt-disjoint split."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Safety pairs: exactly one response labeled safe, chosen = the safe one. Sources without per-response
+    # safety labels (hh-rlhf) either use their safer_response_id ("safer-label", the data recipe) or are skipped.
+    unlabeled_safety: Literal["safer-label", "skip"] = "safer-label"
+    # Router data (D_dual): "label" = both safe and safer == better; "label+safety" adds the safety pairs.
+    dual_rule: Literal["label", "label+safety"] = "label+safety"
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    max_chars: int = 16000  # longer prompt + response texts are excluded as `too_long`
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("at least one source is required")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_chars <= 0:
+            raise ValueError(f"max_chars must be positive, got {self.max_chars}")
+
+    def builder_dict(self) -> dict[str, Any]:
+        """The fields that shape the prepared dataset (part of its version), without source locations."""
+        d = dataclasses.asdict(self)
+        d.pop("sources")
+        return d
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+
+
+@dataclass
+class TrainingConfig:
+    """Preference-training hyperparameters shared by the experts, baselines and router.
+
+    TRL's surprising defaults (learning_rate 1e-6, bf16 on, gradient checkpointing on) are fields
+    without defaults here, so every profile must write them out.
+    """
+
+    learning_rate: float
+    bf16: bool
+    gradient_checkpointing: bool
+    save_strategy: Literal["no", "steps", "epoch"]
+    save_steps: int = 50
+    beta: float = 0.1
+    epochs: float = 3.0
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    max_length: int = 512
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Pipeline-level settings: per-stage time budgets (seconds) and the MLflow experiment."""
+
+    experiment: str = "midpo"
+    stage_budgets: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MidpoConfig:
+    """A whole profile. Sections map one-to-one onto pipeline stages."""
+
+    profile: str
+    data: DataConfig
+    training: TrainingConfig
+    world: WorldConfig | None = None  # the synthetic world (tiny profiles); absent for real data
+    run: RunConfig = field(default_factory=RunConfig)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, section: str) -> str:
+        """Content hash of one section, for cache keys of the stage that reads it."""
+        return content_hash(dataclasses.asdict(getattr(self, section)))[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def profile_path(profile: str) -> Path:
+    """``tiny`` -> the shipped ``configs/tiny.yaml``; anything ending in .yaml/.yml is a file path."""
+    if profile.endswith((".yaml", ".yml")):
+        path = Path(profile)
+        if not path.is_file():
+            raise ConfigError(f"{profile}: profile file not found")
+        return path
+    path = Path(str(importlib.resources.files("midpo_configs").joinpath(f"{profile}.yaml")))
+    if not path.is_file():
+        raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(available_profiles())} or pass a .yaml file")
+    return path
+
+
+def available_profiles() -> list[str]:
+    root = importlib.resources.files("midpo_configs")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> MidpoConfig:
+    """Load a profile and apply ``key.path=value`` overrides (values parsed as YAML)."""
+    path = profile_path(profile)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    raw.setdefault("profile", path.stem)
+    for item in overrides:
+        _apply_override(raw, item)
+    origin = str(path) + (" (with --set " + ", ".join(overrides) + ")" if overrides else "")
+    return _build(MidpoConfig, raw, "", origin)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    *parents, last = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = _child(node, part, key)
+    parsed = yaml.safe_load(value) if value != "" else ""
+    if isinstance(node, list):
+        node[_index(node, last, key)] = parsed
+    else:
+        node[last] = parsed
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    """The section (or list item) ``part`` of ``node``, created when a mapping lacks it."""
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {part!r} is inside a value, not a section")
+    return node.setdefault(part, {})
+
+
+def _index(node: list[Any], part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _build(tp: Any, value: Any, key: str, origin: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``key`` and ``origin``."""
+    where = f"{origin}: {key or '<root>'}"
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"{origin}: unknown key {_join(key, unknown[0])} (known: {', '.join(fields)})")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], _join(key, name), origin)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{origin}: missing key {_join(key, name)}")
+        try:
+            return tp(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    origin_tp, args = get_origin(tp), get_args(tp)
+    if origin_tp in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _build(inner, value, key, origin)
+    if origin_tp is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin_tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_build(args[0], v, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if origin_tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {_build(args[0], k, key, origin): _build(args[1], v, _join(key, str(k)), origin) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,80 @@
+"""Load a model folder as ``(model, tokenizer, template)`` and generate completions with it.
+
+Only local Hugging Face folders (a path or ``file://`` URI) for now; hub ids, s3:// artifacts and GGUF
+are to be added here, each ending in the same :func:`prepare_tokenizer` + :func:`template_for` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from midpo.models.template import PromptTemplate, template_for
+from midpo.models.tiny import BASE_META
+from midpo.models.tokenizer import prepare_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def load_model(path_or_folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any, PromptTemplate]:
+    """``(model in eval mode, prepared tokenizer, template)`` from a local HF folder.
+
+    The template family comes from the folder's ``midpo_base.json`` when there is one, else from the
+    tokenizer (:func:`template_for`).
+    """
+    spec = str(path_or_folder)
+    folder = Path(urlparse(spec).path) if spec.startswith("file://") else Path(spec)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{spec}: not a Hugging Face model folder (no config.json)")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+    meta_path = folder / BASE_META
+    family = json.loads(meta_path.read_text())["template"] if meta_path.is_file() else None
+    template = template_for(tokenizer, family)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # prepare_tokenizer added a pad token
+        model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    model.eval()
+    log.info("loaded %s (%s template, %.2fM params)", folder, template.family, model.num_parameters() / 1e6)
+    return model, tokenizer, template
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    template: PromptTemplate,
+    prompts: Sequence[str],
+    contexts: Sequence[Sequence[dict[str, str]]] | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> list[str]:
+    """Responses to ``prompts`` (rendered with ``template``), batched with left padding, cut at EOS."""
+    assert tokenizer.padding_side == "left", "generation pads on the left: call prepare_tokenizer first"
+    contexts = contexts if contexts is not None else [()] * len(prompts)
+    texts = [template.render_prompt(p, c) for p, c in zip(prompts, contexts, strict=True)]
+    out: list[str] = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+        ids = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.convert_tokens_to_ids(template.eos_token),
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )  # (B, T_prompt + T_new); the prompt block is left padded to a common length
+        new = ids[:, batch["input_ids"].shape[1] :]
+        out += [template.completion_text(tokenizer, row.tolist()) for row in new]
+    return out

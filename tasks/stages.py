@@ -1,0 +1,14 @@
+"""One Prefect task runs one pipeline stage; the logic lives in ``midpo.pipeline``."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from midpo.config import MidpoConfig
+from midpo.pipeline import Stage, StageOutput, execute_stage
+from midpo.storage import ArtifactRef
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], task_run_name="{stage.name}")
+def run_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef]) -> StageOutput:
+    return execute_stage(stage, cfg, inputs)
