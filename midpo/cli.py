@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from midpo.config import ConfigError
+
 log = logging.getLogger("midpo")
 
 
@@ -38,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--source", action="append", default=[], metavar="URI", help="use these sources instead of the profile's (format auto)")
     prep.add_argument("--out", help="artifact root (file://... or s3://bucket/prefix); default $MIDPO_ARTIFACT_ROOT")
     prep.set_defaults(func=cmd_prepare)
+
+    ev = sub.add_parser("eval", help="generate with one model and judge it on eval sets")
+    _profile_args(ev)
+    ev.add_argument("--model", required=True, help="a local model folder, file:// URI or an artifact URI under the artifact root")
+    ev.add_argument("--name", help="the method name in metrics.json (default: the model folder's name)")
+    ev.add_argument("--prompts", action="append", default=[], metavar="FILE", help="a prompt file (csv/jsonl/txt) instead of the profile's eval sets")
+    ev.add_argument("--kind", action="append", default=[], choices=["harmful", "borderline", "benign"], help="the kind of each --prompts file, in order")
+    ev.add_argument("--report-dir", type=Path, help="where metrics.json and report.md go (default under $MIDPO_HOME/reports)")
+    ev.set_defaults(func=cmd_eval)
 
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved, validated config as YAML")
@@ -89,6 +100,38 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from midpo.config import load_config
+    from midpo.eval.evaluate import evaluate_model, prompt_file_set
+    from midpo.eval.report import write_report
+    from midpo.models.load import load_model
+    from midpo.pipeline import apply_runtime, default_report_dir, run_pipeline
+    from midpo.stages import world_eval_sets
+    from midpo.storage import ArtifactStore, local_copy
+
+    cfg = load_config(args.profile, args.overrides)
+    apply_runtime(cfg.run)
+    if cfg.eval is None:
+        raise ConfigError(f"profile {cfg.profile} has no eval section")
+    if len(args.kind) != len(args.prompts):
+        raise ConfigError("give one --kind per --prompts file")
+    if args.prompts:
+        sets = [prompt_file_set(path, kind) for path, kind in zip(args.prompts, args.kind)]
+    else:
+        world = run_pipeline(cfg, until="world").outputs.get("world")
+        if world is None:
+            raise ConfigError(f"profile {cfg.profile} has no built-in eval sets yet: pass --prompts FILE --kind KIND")
+        sets = world_eval_sets(world, cfg.eval.sets)
+    store = ArtifactStore()
+    folder = store.fetch(store.key_of(args.model)) if args.model.startswith(store.root + "/") else local_copy(args.model)
+    model, tokenizer, template = load_model(folder)
+    metrics, _ = evaluate_model(model, tokenizer, template, sets, cfg.eval)
+    report_dir = args.report_dir or default_report_dir(f"eval-{cfg.profile}")
+    md = write_report(report_dir, {args.name or folder.name: metrics})
+    print(f"report: {md}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from midpo.config import load_config
 
@@ -102,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow", "urllib3", "botocore", "httpx", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from midpo.config import ConfigError
     from midpo.data.prepare import DataError
+    from midpo.data.readers import Unreadable
     from midpo.storage import NotFound
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, NotFound) as e:
+    except (ConfigError, DataError, NotFound, Unreadable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from midpo.data.schema import PROMPT_KINDS, content_hash
+from midpo.models.tiny import TinyBaseConfig
 from midpo.world.config import WorldConfig
 
 
@@ -112,11 +113,35 @@ class TrainingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The evaluation protocol: which sets, how many prompts and samples, how to decode."""
+
+    sets: list[str] = field(default_factory=lambda: ["world-harmful", "world-borderline", "world-benign"])
+    n_per_set: int = 240
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    greedy: bool = True  # also decode greedily and report x_greedy beside the sampled figures
+    max_new_tokens: int = 48
+    batch_size: int = 128
+    seed: int = 0
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.n_per_set < 1 or self.samples_per_prompt < 1 or self.max_new_tokens < 1:
+            raise ValueError("n_per_set, samples_per_prompt and max_new_tokens must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive (greedy figures come from `greedy`), got {self.temperature}")
+
+
+@dataclass
 class RunConfig:
     """Pipeline-level settings: per-stage time budgets (seconds) and the MLflow experiment."""
 
     experiment: str = "midpo"
     stage_budgets: dict[str, float] = field(default_factory=dict)
+    # Intra-op threads of torch (null: torch's default, one per core). Tiny models run faster on one
+    # thread: their matmuls are too small to split, and two stages in parallel would oversubscribe.
+    torch_threads: int | None = None
 
 
 @dataclass
@@ -127,6 +152,8 @@ class MidpoConfig:
     data: DataConfig
     training: TrainingConfig
     world: WorldConfig | None = None  # the synthetic world (tiny profiles); absent for real data
+    base: TinyBaseConfig | None = None  # the tiny base trained from scratch on the world
+    eval: EvalConfig | None = None
     run: RunConfig = field(default_factory=RunConfig)
     description: str = ""
 

@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from midpo import tracking
-from midpo.config import ConfigError, DataConfig, MidpoConfig
-from midpo.data.prepare import prepare
+from midpo import stages
+from midpo.config import MidpoConfig, RunConfig
+from midpo.stages import StageOutput
+from midpo.eval.report import write_report
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
-from midpo.world.artifact import build_world
-from midpo.world.config import WorldConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageOutput:
-    outputs: dict[str, ArtifactRef]
-    metrics: dict[str, float] = field(default_factory=dict)
-    cache_hit: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,38 +35,13 @@ class Stage:
     run: Callable[[Any, dict[str, ArtifactRef], bool], StageOutput]  # (section, inputs, dry_run)
 
 
-def world_stage(cfg: WorldConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    ref, summary, hit = build_world(cfg, ArtifactStore(), dry_run)
-    dual = summary.get("dual", {}).get("label", {})
-    return StageOutput({"world": ref}, {f"dual_label_{k}": float(v) for k, v in dual.items()}, hit)
-
-
-def data_stage(cfg: DataConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    prepared = prepare(resolve_sources(cfg, inputs), dry_run=dry_run)
-    counts = {
-        f"{name}_{split}_pairs": float(by_split[split]["total"])
-        for name, by_split in prepared.meta.get("subsets", {}).items()
-        for split in by_split
-    }
-    excluded = {f"excluded_{reason}": float(n) for reason, n in prepared.meta.get("exclusions", {}).items()}
-    return StageOutput({"dataset": prepared.ref}, {**counts, **excluded}, prepared.cache_hit)
-
-
-def resolve_sources(cfg: DataConfig, inputs: dict[str, ArtifactRef]) -> DataConfig:
-    """Replace ``artifact:OUTPUT/PATH`` sources by the URI of that file in an earlier stage's output."""
-    sources = []
-    for src in cfg.sources:
-        if src.uri.startswith("artifact:"):
-            name, _, path = src.uri[len("artifact:") :].partition("/")
-            if name not in inputs:
-                raise ConfigError(f"data.sources: {src.uri} names output {name!r}, which no earlier stage produced (have: {', '.join(inputs) or 'none'})")
-            src = dataclasses.replace(src, uri=f"{inputs[name].uri}/{path}")
-        sources.append(src)
-    return dataclasses.replace(cfg, sources=sources)
-
-
-STAGES: list[Stage] = [Stage("world", "world", world_stage), Stage("data", "data", data_stage)]
-PLANNED = ["base", "judges", "experts", "dual", "router", "moe", "eval", "register"]
+STAGES: list[Stage] = [
+    Stage("world", "world", stages.world_stage),
+    Stage("data", "data", stages.data_stage),
+    Stage("base", "base", stages.base_stage),
+    Stage("eval", "eval", stages.eval_stage),
+]
+PLANNED = ["judges", "experts", "dual", "router", "moe", "register"]
 
 
 @dataclass
@@ -100,6 +68,14 @@ class RunSummary:
 
 def default_report_dir(profile: str) -> Path:
     return midpo_home() / "reports" / f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def apply_runtime(run: RunConfig) -> None:
+    """Process-wide settings of a profile (torch threads) before any stage computes."""
+    if run.torch_threads:
+        import torch
+
+        torch.set_num_threads(run.torch_threads)
 
 
 def stages_for(cfg: MidpoConfig, until: str | None = None) -> list[Stage]:
@@ -130,9 +106,10 @@ def execute_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef]
 def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool = False, until: str | None = None) -> RunSummary:
     """Run the profile's stages in order (up to ``until``); ``dry_run`` only resolves the plan and the cache hits.
 
-    With a ``report_dir``, its ``metrics.json`` gets the ``run`` section of interfaces.md.
+    With a ``report_dir``, the report goes there: metrics.json (interfaces.md), report.md and plots.
     """
     start = time.perf_counter()
+    apply_runtime(cfg.run)
     refs: dict[str, ArtifactRef] = {}
     seconds: dict[str, float] = {}
     metrics: dict[str, dict[str, float]] = {}
@@ -151,6 +128,15 @@ def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool
                 hits.append(stage.name)
     summary = RunSummary(cfg.profile, refs, seconds, hits, metrics, time.perf_counter() - start, None if dry_run else report_dir)
     if summary.report_dir is not None:
-        summary.report_dir.mkdir(parents=True, exist_ok=True)
-        (summary.report_dir / "metrics.json").write_text(json.dumps({"run": summary.run_section()}, indent=2))
+        write_report(summary.report_dir, {**collect_evals(refs), "run": summary.run_section()})
     return summary
+
+
+def collect_evals(refs: dict[str, ArtifactRef]) -> dict[str, Any]:
+    """``{method: {eval set: metrics}}`` from the ``eval/<method>`` outputs of the eval stage."""
+    store = ArtifactStore()
+    return {
+        name.split("/", 1)[1]: json.loads((store.fetch(store.key_of(ref.uri)) / "metrics.json").read_text())
+        for name, ref in refs.items()
+        if name.startswith("eval/")
+    }

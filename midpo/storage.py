@@ -195,6 +195,12 @@ class ArtifactStore:
         # The manifest goes last and only if absent: concurrent writers cannot overwrite each other.
         client.put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest, indent=2).encode(), IfNoneMatch="*")
 
+    def key_of(self, uri: str) -> str:
+        """The key of an artifact URI under this root."""
+        if not uri.startswith(self.root + "/"):
+            raise ValueError(f"{uri} is not under the artifact root {self.root}")
+        return uri[len(self.root) + 1 :]
+
     def fetch(self, key: str, dest: Path | None = None) -> Path:
         """A local folder holding complete version ``key`` (s3: downloaded once into the cache)."""
         if not self.is_complete(key):

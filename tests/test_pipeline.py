@@ -16,9 +16,11 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
     out = capsys.readouterr().out
     assert f"report: {report}" in out and "not implemented yet" in out
-    run = json.loads((report / "metrics.json").read_text())["run"]
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert_metrics_structure(metrics)
+    run = metrics["run"]
     assert run["profile"] == "tiny-ci" and len(run["dataset_version"]) == 16
-    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data"]
+    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "eval"]
     assert run["cache_hits"] == []
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
@@ -30,7 +32,35 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert main(["run", "--profile", "tiny-ci", "--dry-run"]) == 0
     assert "data       cache hit" in capsys.readouterr().out
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
-    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data"]
+    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "eval"]
+    assert (report / "report.md").is_file() and (report / "oracle.png").is_file()
+
+
+ORACLE = {
+    "harmful": {"oracle_safety_rate", "oracle_incoherent_rate", "p_correct"},
+    "borderline": {"oracle_over_refusal_rate", "oracle_helpfulness", "oracle_incoherent_rate", "p_correct"},
+    "benign": {"oracle_over_refusal_rate", "oracle_helpfulness", "oracle_incoherent_rate", "p_correct"},
+}
+
+
+def assert_metrics_structure(m):
+    """metrics.json per interfaces.md: m[method][eval_set][metric], reserved top-level keys, CIs and n."""
+    methods = [k for k in m if k not in ("judges", "run", "costs")]
+    assert methods == ["base"]
+    assert set(m["run"]) == {"profile", "dataset_version", "wall_seconds", "stage_seconds", "cache_hits"}
+    cfg = load_config("tiny-ci").eval
+    for method in methods:
+        assert set(m[method]) == set(cfg.sets)
+        for name, metrics in m[method].items():
+            kind = name.split("-", 1)[1]
+            assert metrics["n"] == cfg.n_per_set and metrics["samples_per_prompt"] == cfg.samples_per_prompt
+            assert isinstance(metrics["judge"], dict)
+            for key in ORACLE[kind]:
+                assert 0.0 <= metrics[key] <= 1.0, (name, key)
+                low, high = metrics[f"{key}_ci"]
+                assert low <= metrics[key] <= high
+                if key != "p_correct":
+                    assert 0.0 <= metrics[f"{key}_greedy"] <= 1.0
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -38,4 +68,4 @@ def test_flow_runs_the_same_stages():
     from midpo_flows.pipeline import midpo
 
     outputs = midpo(profile="tiny-ci")
-    assert set(outputs) == {"world", "dataset"} and outputs["dataset"].startswith("file://")
+    assert set(outputs) == {"world", "dataset", "base", "eval/base"} and outputs["dataset"].startswith("file://")

@@ -185,5 +185,4 @@ def _read(path: Path, features: datasets.Features) -> datasets.Dataset:
 
 def _folder(ref: ArtifactRef, store: ArtifactStore | None) -> Path:
     store = store or ArtifactStore()
-    key = ref.uri[len(store.root) + 1 :] if ref.uri.startswith(store.root + "/") else f"datasets/{ref.version}"
-    return store.fetch(key)
+    return store.fetch(store.key_of(ref.uri))

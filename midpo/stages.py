@@ -1,0 +1,135 @@
+"""The stage functions of the pipeline: ``(config section, input refs, dry_run) -> StageOutput``.
+
+Each is a thin adapter over the library (data, world, models, eval): it resolves its inputs from the
+references of earlier stages, calls one library function, and returns output references and small
+metrics. Outputs land under the artifact root keyed by a hash of their inputs' versions and the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from midpo.config import ConfigError, DataConfig, EvalConfig
+from midpo.data.prepare import prepare
+from midpo.data.schema import content_hash
+from midpo.models.tiny import TinyBaseConfig, base_key
+from midpo.storage import ArtifactRef, ArtifactStore, local_copy
+from midpo.world import EVAL_SETS, vocabulary
+from midpo.world.artifact import EVAL_DIR, SFT, build_world
+from midpo.world.config import WorldConfig
+
+
+@dataclass
+class StageOutput:
+    outputs: dict[str, ArtifactRef]
+    metrics: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool = False
+
+
+def _need(inputs: dict[str, ArtifactRef], name: str, stage: str) -> ArtifactRef:
+    if name not in inputs:
+        raise ConfigError(f"stage {stage} needs the output {name!r}, which no earlier stage of this profile produced")
+    return inputs[name]
+
+
+def _read_jsonl(uri: str) -> list[dict[str, Any]]:
+    with local_copy(uri).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def world_stage(cfg: WorldConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    ref, summary, hit = build_world(cfg, ArtifactStore(), dry_run)
+    dual = summary.get("dual", {}).get("label", {})
+    return StageOutput({"world": ref}, {f"dual_label_{k}": float(v) for k, v in dual.items()}, hit)
+
+
+def resolve_sources(cfg: DataConfig, inputs: dict[str, ArtifactRef]) -> DataConfig:
+    """Replace ``artifact:OUTPUT/PATH`` sources by the URI of that file in an earlier stage's output."""
+    sources = []
+    for src in cfg.sources:
+        if src.uri.startswith("artifact:"):
+            name, _, path = src.uri[len("artifact:") :].partition("/")
+            if name not in inputs:
+                raise ConfigError(f"data.sources: {src.uri} names output {name!r}, which no earlier stage produced (have: {', '.join(inputs) or 'none'})")
+            src = dataclasses.replace(src, uri=f"{inputs[name].uri}/{path}")
+        sources.append(src)
+    return dataclasses.replace(cfg, sources=sources)
+
+
+def data_stage(cfg: DataConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    prepared = prepare(resolve_sources(cfg, inputs), dry_run=dry_run)
+    counts = {
+        f"{name}_{split}_pairs": float(by_split[split]["total"])
+        for name, by_split in prepared.meta.get("subsets", {}).items()
+        for split in by_split
+    }
+    excluded = {f"excluded_{reason}": float(n) for reason, n in prepared.meta.get("exclusions", {}).items()}
+    return StageOutput({"dataset": prepared.ref}, {**counts, **excluded}, prepared.cache_hit)
+
+
+def base_stage(cfg: TinyBaseConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The tiny base: SFT on the world's dialogues; its tokenizer knows the whole world vocabulary."""
+    from midpo.models.tiny import base_stage as build_base
+
+    world = _need(inputs, "world", "base")
+    examples = _read_jsonl(f"{world.uri}/{SFT}")
+    store = ArtifactStore()
+    if dry_run:
+        key = base_key(cfg, examples, vocabulary())
+        return StageOutput({"base": ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])}, {}, store.is_complete(key))
+    ref, metrics, hit = build_base(cfg, examples, store, vocabulary())
+    return StageOutput({"base": ref}, metrics, hit)
+
+
+def world_eval_sets(world: ArtifactRef, names: list[str]) -> list[Any]:
+    """The named world eval sets from the world artifact (unseen (template, entity) combinations)."""
+    from midpo.eval.evaluate import EvalSet
+
+    unknown = [n for n in names if n not in EVAL_SETS]
+    if unknown:
+        raise ConfigError(f"eval.sets: {', '.join(unknown)} not available in this profile (world sets: {', '.join(EVAL_SETS)})")
+    return [EvalSet(n, EVAL_SETS[n], [r["prompt"] for r in _read_jsonl(f"{world.uri}/{EVAL_DIR}/{n}.jsonl")]) for n in names]
+
+
+def evaluate_ref(method: str, model: ArtifactRef, sets: list[Any], cfg: EvalConfig, data_version: str, dry_run: bool = False) -> tuple[ArtifactRef, dict[str, Any], bool]:
+    """Evaluate a packaged model once per (model version, eval sets, protocol): ``evals/<hash>``."""
+    from midpo.eval.evaluate import evaluate_model
+    from midpo.models.load import load_model
+
+    store = ArtifactStore()
+    version = content_hash({"model": model.version, "sets": data_version, "eval": dataclasses.asdict(cfg)})[:16]
+    key = f"evals/{method}/{version}"
+    ref = ArtifactRef(store.uri(key), version)
+    if store.is_complete(key):
+        return ref, json.loads((store.fetch(key) / "metrics.json").read_text()), True
+    if dry_run:
+        return ref, {}, False
+    folder = store.fetch(store.key_of(model.uri))
+    lm, tokenizer, template = load_model(folder)
+    metrics, samples = evaluate_model(lm, tokenizer, template, sets, cfg)
+    with tempfile.TemporaryDirectory(prefix="midpo-eval-") as tmp:
+        out = Path(tmp)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        ref = store.publish(out, key, metadata={"method": method, "model": dataclasses.asdict(model)})
+    return ref, metrics, False
+
+
+def eval_stage(cfg: EvalConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """Evaluate every model the pipeline has produced so far (today: ``base``) on the eval sets."""
+    world = _need(inputs, "world", "eval")
+    sets = world_eval_sets(world, cfg.sets)
+    outputs: dict[str, ArtifactRef] = {}
+    flat: dict[str, float] = {}
+    hits = []
+    for method in ("base",):
+        ref, metrics, hit = evaluate_ref(method, _need(inputs, method, "eval"), sets, cfg, world.version, dry_run)
+        outputs[f"eval/{method}"] = ref
+        hits.append(hit)
+        flat.update({f"{method}.{s}.{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)})
+    return StageOutput(outputs, flat, all(hits))

@@ -1,0 +1,86 @@
+"""The evaluation core: bootstrap CIs, teacher-forced log-probs, oracle metrics, report files."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from midpo.config import EvalConfig
+from midpo.eval.forcing import response_logprobs
+from midpo.eval.report import write_report
+from midpo.eval.stats import mean_ci
+from midpo.eval.world_judge import oracle_values
+from midpo.world import WorldConfig, correct_answer, eval_prompts, make_response
+
+
+def test_mean_ci_resamples_prompts():
+    mean, (low, high) = mean_ci([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]], n_boot=2000, seed=0)
+    assert mean == pytest.approx(0.5)
+    assert 0.0 <= low < 0.5 < high <= 1.0
+    assert mean_ci([[1.0], [1.0]]) == (1.0, [1.0, 1.0])
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_oracle_values_per_kind():
+    cfg = WorldConfig()
+    harmful = [p.prompt for p in eval_prompts(cfg, "harmful", 2)]
+    benign = [p.prompt for p in eval_prompts(cfg, "benign", 2)]
+    import random
+
+    rng = random.Random(0)
+    comply = [[make_response(rng, _info(p), "compliance_detailed"), correct_answer(p)] for p in harmful]
+    v = oracle_values("harmful", harmful, comply)
+    assert v["oracle_safety_rate"] == [[0.0, 1.0], [0.0, 1.0]]
+    answers = [[correct_answer(p), make_response(rng, _info(p), "refusal")] for p in benign]
+    v = oracle_values("benign", benign, answers)
+    assert v["oracle_helpfulness"] == [[1.0, 0.0], [1.0, 0.0]]
+    assert v["oracle_over_refusal_rate"] == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def _info(prompt):
+    from midpo.world import classify_prompt
+
+    return classify_prompt(prompt)
+
+
+class _Uniform(torch.nn.Module):
+    """A language model whose next-token distribution is uniform over the vocabulary."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})
+
+
+def test_response_logprobs_counts_exactly_the_response_tokens(tmp_path):
+    from midpo.models.template import WorldTemplate
+    from midpo.models.tokenizer import prepare_tokenizer, train_world_tokenizer
+
+    tok = prepare_tokenizer(train_world_tokenizer(["a b c d", "e f"]))
+    tpl = WorldTemplate()
+    lp = response_logprobs(_Uniform(len(tok)), tok, tpl, ["a b", "a"], ["c d", "e f e"], batch_size=2)
+    # responses of 2 and 3 words plus EOS, each token with probability 1/V
+    assert lp == pytest.approx([3 * -math.log(len(tok)), 4 * -math.log(len(tok))])
+
+
+def test_write_report_files(tmp_path):
+    metrics = {
+        "base": {"world-harmful": {"n": 2, "samples_per_prompt": 1, "oracle_safety_rate": 0.5, "oracle_safety_rate_ci": [0.0, 1.0], "judge": {}}},
+        "run": {"profile": "x", "dataset_version": "v", "wall_seconds": 1.0, "stage_seconds": {"eval": 1.0}, "cache_hits": []},
+    }
+    md = write_report(tmp_path, metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert "| base | 0.500 [0.000, 1.000] |" in md.read_text()
+    assert (tmp_path / "oracle.png").stat().st_size > 1000
+
+
+def test_eval_config_rejects_bad_protocol():
+    with pytest.raises(ValueError):
+        EvalConfig(temperature=0)
+    with pytest.raises(ValueError):
+        EvalConfig(samples_per_prompt=0)
