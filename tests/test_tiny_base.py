@@ -65,7 +65,7 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="max_length"):
         TinyBaseConfig(max_length=512, max_position=256)
     cfg = TinyBaseConfig()  # TRL's surprising defaults are written out
-    assert (cfg.bf16, cfg.gradient_checkpointing, cfg.learning_rate) == (False, False, 1e-3)
+    assert (cfg.bf16, cfg.gradient_checkpointing, cfg.learning_rate) == (False, False, 5e-3)
 
 
 def test_build_writes_a_plain_hf_folder_and_learns(built):

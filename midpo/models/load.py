@@ -1,7 +1,9 @@
 """Load a model folder as ``(model, tokenizer, template)`` and generate completions with it.
 
-Only local Hugging Face folders (a path or ``file://`` URI) for now; hub ids, s3:// artifacts and GGUF
-are to be added here, each ending in the same :func:`prepare_tokenizer` + :func:`template_for` steps.
+The argument is first resolved to a local Hugging Face folder by
+:func:`midpo.models.provision.resolve_model` (a folder or ``file://``, ``s3://``, a hub id, a ``.gguf``
+file, ``smollm2``; docs/base-models.md); every source then ends in the same :func:`prepare_tokenizer` +
+:func:`template_for` steps.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from midpo.models.provision import fit_tokenizer, resolve_model
 from midpo.models.template import PromptTemplate, template_for
 from midpo.models.tiny import BASE_META
 from midpo.models.tokenizer import prepare_tokenizer
@@ -24,15 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def load_model(path_or_folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any, PromptTemplate]:
-    """``(model in eval mode, prepared tokenizer, template)`` from a local HF folder.
+    """``(model in eval mode, prepared tokenizer, template)`` from anything :func:`resolve_model` accepts.
 
     The template family comes from the folder's ``midpo_base.json`` when there is one, else from the
     tokenizer (:func:`template_for`).
     """
-    spec = str(path_or_folder)
-    folder = Path(urlparse(spec).path) if spec.startswith("file://") else Path(spec)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{spec}: not a Hugging Face model folder (no config.json)")
+    folder = resolve_model(path_or_folder)  # a local folder with config.json, or a clear error
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
     meta_path = folder / BASE_META
     family = json.loads(meta_path.read_text())["template"] if meta_path.is_file() else None
@@ -41,6 +40,7 @@ def load_model(path_or_folder: str | Path, device: str | torch.device | None = N
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # prepare_tokenizer added a pad token
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    fit_tokenizer(tokenizer, model.config)  # model_max_length = the model's positions; truncation keeps a prompt's end
     if device is not None:
         model.to(device)
     model.eval()
