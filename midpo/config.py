@@ -113,6 +113,18 @@ class TrainingConfig:
 
 
 @dataclass
+class BaseConfig:
+    """The base policy: trained from scratch on the world (``tiny``) or an existing model (``model``)."""
+
+    tiny: TinyBaseConfig | None = None
+    model: str | None = None  # a hub id, local folder, s3:// URI, .gguf file, or `smollm2`
+
+    def __post_init__(self) -> None:
+        if (self.tiny is None) == (self.model is None):
+            raise ValueError("set exactly one of base.tiny (train a tiny model) and base.model (load one)")
+
+
+@dataclass
 class EvalConfig:
     """The evaluation protocol: which sets, how many prompts and samples, how to decode."""
 
@@ -152,7 +164,7 @@ class MidpoConfig:
     data: DataConfig
     training: TrainingConfig
     world: WorldConfig | None = None  # the synthetic world (tiny profiles); absent for real data
-    base: TinyBaseConfig | None = None  # the tiny base trained from scratch on the world
+    base: BaseConfig | None = None
     eval: EvalConfig | None = None
     run: RunConfig = field(default_factory=RunConfig)
     description: str = ""

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midpo.config import ConfigError, DataConfig, EvalConfig
+from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig
 from midpo.data.prepare import prepare
 from midpo.data.schema import content_hash
-from midpo.models.tiny import TinyBaseConfig, base_key
+from midpo.models.tiny import base_key
 from midpo.storage import ArtifactRef, ArtifactStore, local_copy
 from midpo.world import EVAL_SETS, vocabulary
 from midpo.world.artifact import EVAL_DIR, SFT, build_world
@@ -72,17 +72,19 @@ def data_stage(cfg: DataConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
     return StageOutput({"dataset": prepared.ref}, {**counts, **excluded}, prepared.cache_hit)
 
 
-def base_stage(cfg: TinyBaseConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+def base_stage(cfg: BaseConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
     """The tiny base: SFT on the world's dialogues; its tokenizer knows the whole world vocabulary."""
     from midpo.models.tiny import base_stage as build_base
 
+    if cfg.tiny is None:
+        raise ConfigError("base.model: loading an existing base model is not wired into the pipeline yet; use base.tiny")
     world = _need(inputs, "world", "base")
     examples = _read_jsonl(f"{world.uri}/{SFT}")
     store = ArtifactStore()
     if dry_run:
-        key = base_key(cfg, examples, vocabulary())
+        key = base_key(cfg.tiny, examples, vocabulary())
         return StageOutput({"base": ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])}, {}, store.is_complete(key))
-    ref, metrics, hit = build_base(cfg, examples, store, vocabulary())
+    ref, metrics, hit = build_base(cfg.tiny, examples, store, vocabulary())
     return StageOutput({"base": ref}, metrics, hit)
 
 

@@ -292,16 +292,18 @@ def test_gguf_tokenizer_without_pad_token_through_load_model(tiny):
     assert len(out) == 2
 
 
-def test_gguf_tokenizer_without_pad_or_eos_gets_a_new_pad_and_resized_embeddings(tiny, tmp_path):
+def test_gguf_tokenizer_without_pad_or_eos_gets_a_new_pad_but_no_chat_template(tiny, tmp_path):
+    """Neither pad nor EOS: prepare_tokenizer adds ``<pad>`` (a new id); a chat template cannot end a turn."""
     from midpo.models.load import load_model
+    from midpo.models.tokenizer import prepare_tokenizer
 
     path = write_gguf(tmp_path / "noeos.gguf", tiny["model"], tiny["tokens"], tiny["merges"], eos=False)
     _, raw = load_gguf(path)
-    if raw.eos_token is not None:
-        pytest.skip(f"transformers gives this GGUF tokenizer an EOS anyway ({raw.eos_token!r})")
-    model, tokenizer, _ = load_model(path)
-    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == len(tiny["tokens"])
-    assert model.get_input_embeddings().num_embeddings == len(tiny["tokens"]) + 1
+    assert raw.pad_token is None and raw.eos_token is None
+    tokenizer = prepare_tokenizer(raw)
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == len(tiny["tokens"])  # load_model resizes for it
+    with pytest.raises(ValueError, match="needs an EOS token"):
+        load_model(path)
 
 
 def test_corrupt_gguf_files_fail_clearly(tiny, tmp_path):

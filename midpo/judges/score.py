@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from midpo.data.schema import PreferencePair, content_hash
 from midpo.judges.scorer import SCORE_META
@@ -90,12 +91,11 @@ class ScoreConfig:
     max_pairs: int | None = None  # a seeded sample of at most this many training pairs (None: all)
     lora: ScoreLoraConfig | None = None  # None: full fine-tune (the tiny base); LoRA for a large base
     logging_steps: int = 10
-    eval_batch_size: int = 64  # Scorer batch size for the held-out accuracies
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and self.epochs > 0):
             raise ValueError("learning_rate and epochs must be positive")
-        for name in ("batch_size", "max_length", "gradient_accumulation_steps", "logging_steps", "eval_batch_size"):
+        for name in ("batch_size", "max_length", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pairs is not None and self.max_pairs < 1:
@@ -177,8 +177,8 @@ def sample_rows(rows: list[dict[str, Any]], max_pairs: int | None, seed: int) ->
 # Build
 
 
-def reward_config(cfg: ScoreConfig, output_dir: str) -> Any:
-    """TRL's RewardConfig with every surprising default written out."""
+def trainer_args(cfg: ScoreConfig, output_dir: str) -> Any:
+    """TRL's RewardConfig (the ScoreTrainer's arguments) with every surprising default written out."""
     import torch
     from trl import RewardConfig
 
@@ -266,7 +266,7 @@ def build_score_model(kind: Kind, cfg: ScoreConfig, base_folder: Path, rows: Seq
     with tempfile.TemporaryDirectory(prefix=f"midpo-{kind}-") as scratch:
         trainer = ScoreTrainer(
             model=model,
-            args=reward_config(cfg, scratch),
+            args=trainer_args(cfg, scratch),
             train_dataset=Dataset.from_list(kept),
             processing_class=tokenizer,
             data_collator=ScoreCollator(pad_token_id=tokenizer.pad_token_id),
@@ -314,7 +314,8 @@ def build_score_model(kind: Kind, cfg: ScoreConfig, base_folder: Path, rows: Seq
 
 def folder_version(folder: Path) -> str:
     """A content version of a model folder: from its artifact manifest (sha256 of every file) when it is a
-    published artifact, else by hashing every file (once per call; large bases: pass an ArtifactRef)."""
+    published artifact, else by hashing every file (once per call; a large base is better passed as an
+    ArtifactRef, whose manifest is read without downloading the weights)."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if manifest.is_file():
@@ -329,12 +330,14 @@ def folder_version(folder: Path) -> str:
     return content_hash(digests)[:16]
 
 
-def _resolve_base(base: Path | str | ArtifactRef, store: ArtifactStore) -> tuple[Path, str]:
+def _resolve_base(base: Path | str | ArtifactRef, store: ArtifactStore) -> tuple[Callable[[], Path], str]:
+    """``(fetch the folder, content version)``: a folder and the ArtifactRef of the same base give one version."""
     if isinstance(base, ArtifactRef):
-        return store.fetch(store.key_of(base.uri)), base.version
+        key = store.key_of(base.uri)
+        return (lambda: store.fetch(key)), content_hash(store.manifest(key)["files"])[:16]
     spec = str(base)
-    folder = Path(spec[len("file://") :]) if spec.startswith("file://") else Path(spec)
-    return folder, folder_version(folder)
+    folder = Path(urlparse(spec).path) if spec.startswith("file://") else Path(spec)
+    return (lambda: folder), folder_version(folder)
 
 
 def score_key(kind: Kind, cfg: ScoreConfig, base_version: str, dataset_version: str) -> str:
@@ -358,7 +361,7 @@ def train_score_model(
     ``dataset_ref`` (:data:`ROWS`). An existing version costs nothing (metrics read from its manifest).
     """
     store = store or ArtifactStore()
-    folder, base_version = _resolve_base(base_folder, store)
+    fetch_base, base_version = _resolve_base(base_folder, store)
     key = score_key(kind, cfg, base_version, dataset_ref.version)
     ref = ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])
     if store.is_complete(key):
@@ -366,7 +369,7 @@ def train_score_model(
         return ref, store.manifest(key).get("metadata", {}).get("metrics", {}), True
     rows = sample_rows(ROWS[kind](dataset_ref, "train", store), cfg.max_pairs, cfg.seed)
     with tempfile.TemporaryDirectory(prefix=f"midpo-{kind}-out-") as tmp:
-        metrics = build_score_model(kind, cfg, folder, rows, Path(tmp))
+        metrics = build_score_model(kind, cfg, fetch_base(), rows, Path(tmp))
         ref = store.publish(Path(tmp), key, metadata={"kind": kind, "metrics": metrics, "base_version": base_version, "dataset_version": dataset_ref.version, "config": dataclasses.asdict(cfg)})
     return ref, metrics, False
 

@@ -38,7 +38,8 @@ class ScoreCollator(DataCollatorForPreference):
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         out = super().torch_call(examples)
         for name in SIGN_COLUMNS:
-            out[name] = torch.tensor([float(e.get(name, 0.0)) for e in examples], dtype=torch.float)  # (B,)
+            # e[name], not e.get: a column dropped on the way (remove_unused_columns) must fail, not train as 0
+            out[name] = torch.tensor([float(e[name]) for e in examples], dtype=torch.float)  # (B,)
         return out
 
 

@@ -66,7 +66,9 @@ def generate(
     texts = [template.render_prompt(p, c) for p, c in zip(prompts, contexts, strict=True)]
     out: list[str] = []
     for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
+        # Over-long prompts keep their end (truncation_side "left", set by load_model) and leave room to answer.
+        limit = max(1, tokenizer.model_max_length - max_new_tokens)
+        batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=limit).to(model.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
         ids = model.generate(
             **batch,

@@ -111,7 +111,7 @@ def _reward_metrics(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tens
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).float(),
+        "rewards/accuracies": (chosen > rejected).to(chosen.dtype),
     }
 
 

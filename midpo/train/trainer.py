@@ -55,8 +55,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask")  # the only batch keys passed to 
 def dpo_config(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) -> DPOConfig:
     """TRL's ``DPOConfig`` from a :class:`TrainingConfig`, with every surprising TRL default written out.
 
-    TRL would use lr 1e-6, bf16 on (an error on CPU), gradient checkpointing on, ``report_to="all"``;
-    here they come from ``cfg`` or are set on purpose. ``precompute_ref_log_probs`` is on because the
+    TRL would use lr 1e-6, bf16 on (an error on CPU), gradient checkpointing on, checkpoints every 500
+    steps with seed 42; here they come from ``cfg`` or are set on purpose. ``precompute_ref_log_probs`` is on because the
     reference comes from columns (:class:`MidpoDPOTrainer`). ``overrides`` are DPOConfig fields (tests use
     ``max_steps``, ``logging_steps``; the pipeline may set ``report_to=["mlflow"]``).
     """
@@ -300,6 +300,23 @@ def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+RUN_FILE = "midpo_run.json"
+
+
+def _claim_checkpoint_dir(checkpoint_dir: Path, run: Mapping[str, Any]) -> None:
+    """Record which run owns ``checkpoint_dir``, or check that the recorded run is this one."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / RUN_FILE
+    current = json.loads(json.dumps(run))  # the JSON form, as stored
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != current:
+            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            raise ValueError(f"{checkpoint_dir} holds checkpoints of another run (differs in {', '.join(diff)}): use a fresh checkpoint_dir")
+    else:
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
 def train_adapter(
     model_folder: str | Path,
     rows: Iterable[Mapping[str, Any]],
@@ -310,6 +327,7 @@ def train_adapter(
     loss_params: Mapping[str, Any] | None = None,
     checkpoint_dir: str | Path,
     data_version: str | None = None,
+    eval_rows: Iterable[Mapping[str, Any]] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     config_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
@@ -321,7 +339,11 @@ def train_adapter(
     ``checkpoint_dir``; if it holds a complete one, training resumes from it. The final adapter (PEFT
     format) and ``midpo_adapter.json`` (training config, loss and its parameters, data version, data-rule
     counts, base, metrics) go to ``out_dir``; ``log_history.json`` beside them. ``data_version`` defaults
-    to a content hash of the training rows.
+    to a content hash of the training rows. ``eval_rows`` (same columns, e.g. the eval split) are scored
+    once after training (``eval_loss``, ``eval_rewards/accuracies``, ...).
+
+    ``checkpoint_dir`` is claimed by this run (``midpo_run.json``: loss, parameters, config, data version,
+    base); resuming there with anything else is an error rather than a silent mix of two runs.
     """
     import peft
     import transformers
@@ -341,6 +363,24 @@ def train_adapter(
         [{k: r.get(k) for k in ("pair_id", "prompt", "context", "chosen", "rejected", "chosen_index", *columns)} for r in rows]
     )[:16]
 
+    eval_data = None
+    if eval_rows is not None:
+        eval_data, _ = apply_data_rule(loss_name, eval_rows)
+
+    base_meta_path = Path(str(model_folder).removeprefix("file://")) / "midpo_base.json"
+    base_meta = {k: v for k, v in json.loads(base_meta_path.read_text()).items() if k != "metrics"} if base_meta_path.is_file() else None
+    beta, params = resolve_params(loss_name, cfg.beta, loss_params)
+    run = {
+        "loss": loss_name,
+        "loss_params": params,
+        "beta": beta,
+        "training": dataclasses.asdict(cfg),
+        "config_overrides": dict(config_overrides or {}),
+        "data_version": data_version,
+        "base": base_meta,
+    }
+    _claim_checkpoint_dir(Path(checkpoint_dir), run)
+
     model, tokenizer, template = load_model(model_folder)
     args = dpo_config(cfg, checkpoint_dir, **dict(config_overrides or {}))
     trainer = MidpoDPOTrainer(
@@ -351,6 +391,7 @@ def train_adapter(
         loss_name=loss_name,
         loss_params=loss_params,
         peft_config=peft_lora_config(cfg.lora),
+        eval_dataset=preference_dataset(eval_data, template, columns) if eval_data else None,
         callbacks=callbacks,
     )
     resume = last_checkpoint(checkpoint_dir)
@@ -378,19 +419,12 @@ def train_adapter(
         "final_loss": float(losses[-1]) if losses else math.nan,
         "mean_loss_this_process": float(result.training_loss),  # transformers averages only the steps run here
     }
-    base_meta_path = Path(str(model_folder).removeprefix("file://")) / "midpo_base.json"
+    if trainer.eval_dataset is not None:
+        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     meta = {
-        "loss": loss_name,
-        "loss_params": trainer.loss_params,
-        "beta": trainer.beta,
-        "training": dataclasses.asdict(cfg),
-        "config_overrides": dict(config_overrides or {}),
-        "data_version": data_version,
+        **run,
         "data_rule": rule_counts,
-        "base": {
-            "folder": str(model_folder),
-            "meta": {k: v for k, v in json.loads(base_meta_path.read_text()).items() if k != "metrics"} if base_meta_path.is_file() else None,
-        },
+        "base": {"folder": str(model_folder), "meta": base_meta},
         "trainable_parameters": trainer.trainable_parameter_names(),
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__},
         "metrics": metrics,
