@@ -18,6 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from midpo.data.schema import PROMPT_KINDS, content_hash
+from midpo.judges.refusal import RefusalConfig
+from midpo.judges.score import ScoreConfig
 from midpo.models.tiny import TinyBaseConfig
 from midpo.world.config import WorldConfig
 
@@ -125,6 +127,15 @@ class BaseConfig:
 
 
 @dataclass
+class JudgesConfig:
+    """The judges: reward and cost score models (SPE-DPO margins, evaluation) and the refusal classifier."""
+
+    reward: ScoreConfig = field(default_factory=ScoreConfig)
+    cost: ScoreConfig = field(default_factory=ScoreConfig)
+    refusal: RefusalConfig | None = field(default_factory=RefusalConfig)  # null: no learned refusal judge
+
+
+@dataclass
 class EvalConfig:
     """The evaluation protocol: which sets, how many prompts and samples, how to decode."""
 
@@ -165,6 +176,7 @@ class MidpoConfig:
     training: TrainingConfig
     world: WorldConfig | None = None  # the synthetic world (tiny profiles); absent for real data
     base: BaseConfig | None = None
+    judges: JudgesConfig | None = None
     eval: EvalConfig | None = None
     run: RunConfig = field(default_factory=RunConfig)
     description: str = ""

@@ -39,9 +39,10 @@ STAGES: list[Stage] = [
     Stage("world", "world", stages.world_stage),
     Stage("data", "data", stages.data_stage),
     Stage("base", "base", stages.base_stage),
+    Stage("judges", "judges", stages.judges_stage),
     Stage("eval", "eval", stages.eval_stage),
 ]
-PLANNED = ["judges", "experts", "dual", "router", "moe", "register"]
+PLANNED = ["experts", "dual", "router", "moe", "register"]
 
 
 @dataclass
@@ -128,8 +129,22 @@ def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool
                 hits.append(stage.name)
     summary = RunSummary(cfg.profile, refs, seconds, hits, metrics, time.perf_counter() - start, None if dry_run else report_dir)
     if summary.report_dir is not None:
-        write_report(summary.report_dir, {**collect_evals(refs), "run": summary.run_section()})
+        judges = {k: v for k, v in metrics.get("judges", {}).items() if k in JUDGE_METRICS}
+        write_report(summary.report_dir, {**collect_evals(refs), **({"judges": judges} if judges else {}), "run": summary.run_section()})
     return summary
+
+
+# The judges' figures that metrics.json reports (interfaces.md); the stage logs more detail to MLflow.
+JUDGE_METRICS = (
+    "reward_pairwise_accuracy",
+    "cost_pairwise_accuracy",
+    "cost_sign_accuracy",
+    "reward_pairwise_accuracy_noisy",
+    "cost_pairwise_accuracy_noisy",
+    "cost_sign_accuracy_noisy",
+    "refusal_classifier_accuracy",
+    "refusal_strmatch_accuracy",
+)
 
 
 def collect_evals(refs: dict[str, ArtifactRef]) -> dict[str, Any]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig
+from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig
 from midpo.data.prepare import prepare
 from midpo.data.schema import content_hash
 from midpo.models.tiny import base_key
@@ -86,6 +87,35 @@ def base_stage(cfg: BaseConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
         return StageOutput({"base": ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])}, {}, store.is_complete(key))
     ref, metrics, hit = build_base(cfg.tiny, examples, store, vocabulary())
     return StageOutput({"base": ref}, metrics, hit)
+
+
+def judges_stage(cfg: JudgesConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """Reward and cost models on the base (margins, evaluation) and the refusal classifier (evaluation).
+
+    Held-out accuracies: against the dataset's own labels (``*_noisy``) and, on the world, the oracle's
+    clean labels. The refusal judge never trains on a prompt of the world's eval sets.
+    """
+    from midpo.judges.refusal import judges_metrics, train_refusal_judge
+    from midpo.judges.score import evaluate_score_models, score_key, train_score_model
+    from midpo.world import clean_labels
+
+    base, dataset = _need(inputs, "base", "judges"), _need(inputs, "dataset", "judges")
+    store = ArtifactStore()
+    if dry_run:
+        keys = [score_key(kind, getattr(cfg, kind), base.version, dataset.version) for kind in ("reward", "cost")]
+        refs = {kind: ArtifactRef(store.uri(k), k.rsplit("/", 1)[-1]) for kind, k in zip(("reward", "cost"), keys)}
+        return StageOutput(refs, {}, all(store.is_complete(k) for k in keys))
+    reward, _, reward_hit = train_score_model("reward", cfg.reward, base, dataset, store)
+    cost, _, cost_hit = train_score_model("cost", cfg.cost, base, dataset, store)
+    world = inputs.get("world")
+    metrics = evaluate_score_models(reward, cost, dataset, store, oracle=clean_labels if world else None)
+    outputs, hits = {"reward": reward, "cost": cost}, [reward_hit, cost_hit]
+    if cfg.refusal is not None:
+        eval_prompts = [p for es in world_eval_sets(world, list(EVAL_SETS)) for p in es.prompts] if world else []
+        refusal, refusal_metrics, refusal_hit = train_refusal_judge(cfg.refusal, store, exclude_prompts=set(eval_prompts))
+        outputs["refusal"], hits = refusal, [*hits, refusal_hit]
+        metrics.update(judges_metrics(refusal_metrics))
+    return StageOutput(outputs, {k: v for k, v in metrics.items() if not math.isnan(v)}, all(hits))
 
 
 def world_eval_sets(world: ArtifactRef, names: list[str]) -> list[Any]:
