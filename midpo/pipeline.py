@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -40,9 +41,10 @@ STAGES: list[Stage] = [
     Stage("data", "data", stages.data_stage),
     Stage("base", "base", stages.base_stage),
     Stage("judges", "judges", stages.judges_stage),
+    Stage("experts", "training", stages.experts_stage),
     Stage("eval", "eval", stages.eval_stage),
 ]
-PLANNED = ["experts", "dual", "router", "moe", "register"]
+PLANNED = ["dual", "router", "moe", "register"]
 
 
 @dataclass
@@ -72,10 +74,12 @@ def default_report_dir(profile: str) -> Path:
 
 
 def apply_runtime(run: RunConfig) -> None:
-    """Process-wide settings of a profile (torch threads) before any stage computes."""
+    """Process-wide settings of a profile (torch threads) before any stage computes; child processes
+    (the experts) inherit them through OMP_NUM_THREADS."""
     if run.torch_threads:
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = str(run.torch_threads)
         torch.set_num_threads(run.torch_threads)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig
+from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig, TrainingConfig
 from midpo.data.prepare import prepare
 from midpo.data.schema import content_hash
 from midpo.models.tiny import base_key
@@ -128,10 +128,26 @@ def world_eval_sets(world: ArtifactRef, names: list[str]) -> list[Any]:
     return [EvalSet(n, EVAL_SETS[n], [r["prompt"] for r in _read_jsonl(f"{world.uri}/{EVAL_DIR}/{n}.jsonl")]) for n in names]
 
 
-def evaluate_ref(method: str, model: ArtifactRef, sets: list[Any], cfg: EvalConfig, data_version: str, dry_run: bool = False) -> tuple[ArtifactRef, dict[str, Any], bool]:
-    """Evaluate a packaged model once per (model version, eval sets, protocol): ``evals/<hash>``."""
+def experts_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """Both SPE-DPO experts (safety: cost margins; helpfulness: reward margins), concurrently."""
+    from midpo.train.experts import plan_experts, train_experts
+
+    needed = [_need(inputs, name, "experts") for name in ("base", "dataset", "reward", "cost")]
+    if dry_run:
+        outputs, complete = plan_experts(*needed, cfg)
+        return StageOutput(outputs, {}, complete)
+    outputs, metrics, hit = train_experts(*needed, cfg)
+    return StageOutput(outputs, metrics, hit)
+
+
+METHODS = ("base", "safety-expert", "helpfulness-expert")  # evaluated when the pipeline produced them
+
+
+def evaluate_ref(method: str, model: ArtifactRef, sets: list[Any], cfg: EvalConfig, data_version: str, dry_run: bool = False, base: ArtifactRef | None = None) -> tuple[ArtifactRef, dict[str, Any], bool]:
+    """Evaluate a model once per (model version, eval sets, protocol): ``evals/<method>/<hash>``.
+    An adapter (a folder with adapter_config.json) is merged into ``base`` for generation."""
     from midpo.eval.evaluate import evaluate_model
-    from midpo.models.load import load_model
+    from midpo.models.load import load_model, load_with_adapter
 
     store = ArtifactStore()
     version = content_hash({"model": model.version, "sets": data_version, "eval": dataclasses.asdict(cfg)})[:16]
@@ -142,7 +158,12 @@ def evaluate_ref(method: str, model: ArtifactRef, sets: list[Any], cfg: EvalConf
     if dry_run:
         return ref, {}, False
     folder = store.fetch(store.key_of(model.uri))
-    lm, tokenizer, template = load_model(folder)
+    if (folder / "adapter_config.json").is_file():
+        if base is None:
+            raise ConfigError(f"{method}: {model.uri} is an adapter; its base is needed to evaluate it")
+        lm, tokenizer, template = load_with_adapter(store.fetch(store.key_of(base.uri)), folder)
+    else:
+        lm, tokenizer, template = load_model(folder)
     metrics, samples = evaluate_model(lm, tokenizer, template, sets, cfg)
     with tempfile.TemporaryDirectory(prefix="midpo-eval-") as tmp:
         out = Path(tmp)
@@ -153,14 +174,14 @@ def evaluate_ref(method: str, model: ArtifactRef, sets: list[Any], cfg: EvalConf
 
 
 def eval_stage(cfg: EvalConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """Evaluate every model the pipeline has produced so far (today: ``base``) on the eval sets."""
+    """Evaluate every model the pipeline has produced (:data:`METHODS`) on the eval sets."""
     world = _need(inputs, "world", "eval")
     sets = world_eval_sets(world, cfg.sets)
     outputs: dict[str, ArtifactRef] = {}
     flat: dict[str, float] = {}
     hits = []
-    for method in ("base",):
-        ref, metrics, hit = evaluate_ref(method, _need(inputs, method, "eval"), sets, cfg, world.version, dry_run)
+    for method in (m for m in METHODS if m in inputs):
+        ref, metrics, hit = evaluate_ref(method, inputs[method], sets, cfg, world.version, dry_run, base=inputs.get("base"))
         outputs[f"eval/{method}"] = ref
         hits.append(hit)
         flat.update({f"{method}.{s}.{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)})

@@ -20,7 +20,7 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert_metrics_structure(metrics)
     run = metrics["run"]
     assert run["profile"] == "tiny-ci" and len(run["dataset_version"]) == 16
-    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "judges", "eval"]
+    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "judges", "experts", "eval"]
     assert run["cache_hits"] == []
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
@@ -32,7 +32,7 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert main(["run", "--profile", "tiny-ci", "--dry-run"]) == 0
     assert "data       cache hit" in capsys.readouterr().out
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
-    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "judges", "eval"]
+    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "judges", "experts", "eval"]
     assert (report / "report.md").is_file() and (report / "oracle.png").is_file()
 
 
@@ -46,7 +46,7 @@ ORACLE = {
 def assert_metrics_structure(m):
     """metrics.json per interfaces.md: m[method][eval_set][metric], reserved top-level keys, CIs and n."""
     methods = [k for k in m if k not in ("judges", "run", "costs")]
-    assert methods == ["base"]
+    assert methods == ["base", "safety-expert", "helpfulness-expert"]
     assert set(m["run"]) == {"profile", "dataset_version", "wall_seconds", "stage_seconds", "cache_hits"}
     assert set(m["judges"]) == {
         f"{name}{suffix}" for name in ("reward_pairwise_accuracy", "cost_pairwise_accuracy", "cost_sign_accuracy") for suffix in ("", "_noisy")
@@ -72,4 +72,5 @@ def test_flow_runs_the_same_stages():
     from midpo_flows.pipeline import midpo
 
     outputs = midpo(profile="tiny-ci")
-    assert set(outputs) == {"world", "dataset", "base", "reward", "cost", "refusal", "eval/base"} and outputs["dataset"].startswith("file://")
+    methods = {"base", "safety-expert", "helpfulness-expert"}
+    assert set(outputs) == {"world", "dataset", "reward", "cost", "refusal", "refs", "scores"} | methods | {f"eval/{m}" for m in methods} and outputs["dataset"].startswith("file://")

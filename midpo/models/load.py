@@ -48,6 +48,17 @@ def load_model(path_or_folder: str | Path, device: str | torch.device | None = N
     return model, tokenizer, template
 
 
+def load_with_adapter(base: str | Path, adapter: str | Path) -> tuple[Any, Any, PromptTemplate]:
+    """The base from its own folder with a PEFT adapter merged in (never from the adapter's recorded
+    base path, which names the training machine's folder)."""
+    from peft import PeftModel
+
+    model, tokenizer, template = load_model(base)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.eval()
+    return merged, tokenizer, template
+
+
 @torch.no_grad()
 def generate(
     model: Any,

@@ -1,0 +1,4 @@
+"""Performance benchmarks of midpo against a stock baseline run in the same process (docs/benchmarks.md).
+
+Shipped as the package ``midpo_bench``; ``midpo bench experts`` runs :mod:`midpo_bench.experts`.
+"""
