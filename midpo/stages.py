@@ -143,14 +143,35 @@ def experts_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: 
 METHODS = ("base", "safety-expert", "helpfulness-expert")  # evaluated when the pipeline produced them
 
 
-def evaluate_ref(method: str, model: ArtifactRef, sets: list[Any], cfg: EvalConfig, data_version: str, dry_run: bool = False, base: ArtifactRef | None = None) -> tuple[ArtifactRef, dict[str, Any], bool]:
-    """Evaluate a model once per (model version, eval sets, protocol): ``evals/<method>/<hash>``.
+def _score_judges(inputs: dict[str, ArtifactRef]) -> Any:
+    """The reward and cost models of the judges stage, loaded lazily once, as evaluation judges."""
+    from midpo.eval.evaluate import ScoreJudges
+    from midpo.judges.scorer import Scorer
+
+    store = ArtifactStore()
+    loaded = {k: Scorer.load(store.fetch(store.key_of(inputs[k].uri))) for k in ("reward", "cost") if k in inputs}
+    return ScoreJudges(**loaded) if loaded else None
+
+
+def evaluate_ref(
+    method: str,
+    model: ArtifactRef,
+    sets: list[Any],
+    cfg: EvalConfig,
+    data_version: str,
+    dry_run: bool = False,
+    base: ArtifactRef | None = None,
+    judges: dict[str, ArtifactRef] | None = None,
+) -> tuple[ArtifactRef, dict[str, Any], bool]:
+    """Evaluate a model once per (model version, eval sets, judges, protocol): ``evals/<method>/<hash>``.
     An adapter (a folder with adapter_config.json) is merged into ``base`` for generation."""
     from midpo.eval.evaluate import evaluate_model
     from midpo.models.load import load_model, load_with_adapter
 
     store = ArtifactStore()
-    version = content_hash({"model": model.version, "sets": data_version, "eval": dataclasses.asdict(cfg)})[:16]
+    judges = judges or {}
+    versions = {"model": model.version, "sets": data_version, "judges": {k: v.version for k, v in judges.items()}, "eval": dataclasses.asdict(cfg)}
+    version = content_hash(versions)[:16]
     key = f"evals/{method}/{version}"
     ref = ArtifactRef(store.uri(key), version)
     if store.is_complete(key):
@@ -164,7 +185,7 @@ def evaluate_ref(method: str, model: ArtifactRef, sets: list[Any], cfg: EvalConf
         lm, tokenizer, template = load_with_adapter(store.fetch(store.key_of(base.uri)), folder)
     else:
         lm, tokenizer, template = load_model(folder)
-    metrics, samples = evaluate_model(lm, tokenizer, template, sets, cfg)
+    metrics, samples = evaluate_model(lm, tokenizer, template, sets, cfg, _score_judges(judges))
     with tempfile.TemporaryDirectory(prefix="midpo-eval-") as tmp:
         out = Path(tmp)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -181,7 +202,8 @@ def eval_stage(cfg: EvalConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
     flat: dict[str, float] = {}
     hits = []
     for method in (m for m in METHODS if m in inputs):
-        ref, metrics, hit = evaluate_ref(method, inputs[method], sets, cfg, world.version, dry_run, base=inputs.get("base"))
+        judges = {k: inputs[k] for k in ("reward", "cost") if k in inputs}
+        ref, metrics, hit = evaluate_ref(method, inputs[method], sets, cfg, world.version, dry_run, base=inputs.get("base"), judges=judges)
         outputs[f"eval/{method}"] = ref
         hits.append(hit)
         flat.update({f"{method}.{s}.{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)})

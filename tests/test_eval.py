@@ -84,3 +84,22 @@ def test_eval_config_rejects_bad_protocol():
         EvalConfig(temperature=0)
     with pytest.raises(ValueError):
         EvalConfig(samples_per_prompt=0)
+
+
+class _LengthScorer:
+    """A deterministic stand-in judge: the score is the response's word count minus 3."""
+
+    def score(self, prompts, responses, contexts=None):
+        return [len(r.split()) - 3.0 for r in responses]
+
+
+def test_score_judges_per_kind_and_judge_names():
+    from midpo.eval.evaluate import ScoreJudges
+
+    judges = ScoreJudges(reward=_LengthScorer(), cost=_LengthScorer())
+    values, judge = judges.values("harmful", ["p", "q"], [["a b", "a b c d e"], ["a"]])
+    assert judge == {"safety_rate": "cost-model", "mean_cost": "cost-model"}
+    assert values["safety_rate"] == [[1.0, 0.0], [1.0]] and values["mean_cost"] == [[-1.0, 2.0], [-2.0]]
+    values, judge = judges.values("benign", ["p"], [["a b c d"]])
+    assert judge == {"helpfulness": "reward-model"} and values["helpfulness"] == [[1.0]]
+    assert ScoreJudges().values("benign", ["p"], [["x"]]) == ({}, {})

@@ -58,7 +58,9 @@ def assert_metrics_structure(m):
         for name, metrics in m[method].items():
             kind = name.split("-", 1)[1]
             assert metrics["n"] == cfg.n_per_set and metrics["samples_per_prompt"] == cfg.samples_per_prompt
-            assert isinstance(metrics["judge"], dict)
+            learned = {"safety_rate": "cost-model", "mean_cost": "cost-model"} if kind == "harmful" else {"helpfulness": "reward-model"}
+            assert metrics["judge"] == learned
+            assert all(f"{k}_ci" in metrics for k in learned)
             for key in ORACLE[kind]:
                 assert 0.0 <= metrics[key] <= 1.0, (name, key)
                 low, high = metrics[f"{key}_ci"]

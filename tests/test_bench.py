@@ -1,0 +1,98 @@
+"""``midpo bench experts`` on tiny-ci with a few pairs: the report's last line, the JSON's fields, and the
+helpers our side's one-time passes use. No timing assertions (the numbers are docs/benchmarks.md's)."""
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    from midpo_bench import experts
+except ModuleNotFoundError:  # until pyproject.toml maps bench/ to midpo_bench
+    sys.path.insert(0, str(ROOT))
+    from bench import experts
+
+RESULT = re.compile(r"^RESULT spe_vs_trl_throughput=[0-9.]+ experts_vs_two_stock_runs=[0-9.]+$")
+RUN_FIELDS = {"pairs", "steps", "setup_seconds", "train_seconds", "total_seconds", "pairs_per_second", "mean_loss"}
+
+
+def test_bench_experts_on_tiny_ci(tmp_path, capsys):
+    out = tmp_path / "bench" / "experts.json"
+    assert experts.main(["--profile", "tiny-ci", "--max-pairs", "16", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert RESULT.match(lines[-1]), lines[-1]
+
+    result = json.loads(out.read_text())
+    assert result["profile"] == "tiny-ci" and result["max_pairs"] == 16
+    assert result["pairs"]["safety"] == result["pairs"]["helpfulness"] == 16
+    assert 16 <= result["pairs"]["reference_table"] <= 32  # pairs of both subsets, each once
+    t, x = result["throughput"], result["experts"]
+    for side in ("ours", "stock"):
+        assert set(t[side]) == RUN_FIELDS
+        assert t[side]["pairs"] == 16 and t[side]["steps"] == 2  # tiny-ci: batch 8, one epoch
+        assert set(x[side]["safety"]) == set(x[side]["helpfulness"]) == RUN_FIELDS
+        assert x[side]["total_seconds"] > 0
+    assert t["ours"] == x["ours"]["safety"] and t["stock"] == x["stock"]["safety"]  # the same runs
+    assert {"reference_table_seconds", "margins_safety_seconds", "margins_helpfulness_seconds", "one_time_seconds"} <= set(x["ours"])
+    assert t["ratio"] > 0 and x["ratio"] > 0
+    assert math.isclose(t["ratio"], t["ours"]["pairs_per_second"] / t["stock"]["pairs_per_second"])
+    assert math.isclose(x["ratio"], x["ours"]["total_seconds"] / x["stock"]["total_seconds"])
+    assert lines[-1] == experts.result_line(result)
+    assert t["target"] == 1.2 and x["target"] == 0.75 and isinstance(t["met"], bool) and isinstance(x["met"], bool)
+    m = result["machine"]
+    assert {"cpu_count", "usable_cores", "torch_threads", "torch_version", "device"} <= set(m)
+    assert m["torch_threads"] == 1 and m["device"] == "cpu"  # tiny-ci's run.torch_threads, CPU torch
+
+    # Our side's reference table in length-sorted chunks = the plain single call, up to batch-shape rounding.
+    from midpo.config import load_config
+    from midpo.models.load import load_model
+
+    inputs = experts.prepare_inputs(load_config("tiny-ci"), max_pairs=16)  # cached by the run above
+    model, tokenizer, template = load_model(inputs.base)
+    rows = [r for e in experts.EXPERTS for r in inputs.rows[e]]
+    tables = [experts.shared_reference_table(model, tokenizer, template, rows, max_length=128, batch_size=8, by_length=b) for b in (True, False)]
+    sorted_, plain = ({(r["pair_id"], r["response_index"]): (r["logp"], r["n_tokens"]) for r in table} for table in tables)
+    assert sorted_.keys() == plain.keys() and len(plain) == 2 * result["pairs"]["reference_table"]
+    assert all(sorted_[k][1] == plain[k][1] and abs(sorted_[k][0] - plain[k][0]) < 1e-4 for k in plain)
+
+
+class CountingScorer:
+    """Scores a text by its length and records how many texts it was asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def score(self, prompts, responses, contexts):
+        self.calls.append(len(responses))
+        return [float(len(p) + 10 * len(r) + len(c)) for p, r, c in zip(prompts, responses, contexts)]
+
+
+def test_response_scores_score_each_text_once_and_key_by_response_index():
+    rows = [
+        {"pair_id": "a", "prompt": "p", "context": [], "chosen": "yes", "rejected": "no", "chosen_index": 1},
+        {"pair_id": "b", "prompt": "p", "context": [], "chosen": "yes", "rejected": "nope", "chosen_index": 0},
+        {"pair_id": "c", "prompt": "p", "context": [{"role": "user", "content": "x"}], "chosen": "yes", "rejected": "no", "chosen_index": 0},
+    ]
+    scorer = CountingScorer()
+    scores, n_scored = experts.response_scores(scorer, rows)
+    assert n_scored == scorer.calls[0] == 5  # (p, yes) and (p, no) repeat; a context makes another text
+    by_key = {(s["pair_id"], s["response_index"]): s["score"] for s in scores}
+    assert by_key == {("a", 1): 31.0, ("a", 0): 21.0, ("b", 0): 31.0, ("b", 1): 41.0, ("c", 0): 32.0, ("c", 1): 22.0}
+
+
+def test_sample_and_projection():
+    rows = [{"i": i} for i in range(10)]
+    assert experts.sample(rows, None, 0) is rows and experts.sample(rows, 20, 0) is rows
+    picked = experts.sample(rows, 4, 0)
+    assert len(picked) == 4 and picked == sorted(picked, key=lambda r: r["i"]) and picked == experts.sample(rows, 4, 0)
+
+    run = experts.RunTiming
+    ours, stock = [run(10, 1, 1.0, 7.0, 0.0)], [run(10, 1, 1.0, 10.0, 0.0)]
+    # ours = 6 + 1 + 7E, stock = 1 + 10E: equal at E = 2, 0.75x at (7 - 0.75) / (7.5 - 7) = 12.5 epochs
+    assert experts.epochs_to_reach(1.0, 6.0, ours, stock, 1.0) == pytest.approx(2.0)
+    assert experts.epochs_to_reach(0.75, 6.0, ours, stock, 1.0) == pytest.approx(12.5)
+    assert experts.epochs_to_reach(0.5, 6.0, ours, stock, 1.0) is None  # 7 s/epoch never reaches 5
