@@ -10,11 +10,13 @@ Two figures (issue 6), both measured on the same machine, in the same process, b
    LoRA (``peft_config``), epochs, seed; bf16 and activation checkpointing off, ``save_strategy="no"``.
    The stock run cannot carry the margin (TRL 1.16's ``_compute_loss`` has no per-pair column, and shifting
    the margin into the reference needs precomputed reference columns), so it trains plain DPO.
-2. **Wall time of both experts**: ours = the one-time passes (one reference table over every pair of both
-   subsets; the margins, i.e. every response scored by the frozen cost model (safety) or reward model
-   (helpfulness)) + the safety expert + the helpfulness expert, each from loading the base to the end of
-   ``train()``; against two independent stock runs (load, ``DPOTrainer`` construction, ``train()``).
-   Score-model training is not counted on either side: the judges stage trains them for evaluation anyway.
+2. **Wall time of both experts**: ours = the one-time passes + the safety expert + the helpfulness expert,
+   each expert from loading the base to the end of ``train()``; against two independent stock runs (load,
+   ``DPOTrainer`` construction, ``train()``). The one-time passes are what the two experts need: one
+   reference table over every pair of both subsets (a pair in both is computed once; batches of similar
+   length, :func:`shared_reference_table`), and the margins: each distinct response text scored once by the
+   frozen cost model (safety pairs) or reward model (helpfulness pairs). Score-model training is not counted
+   on either side: the judges stage trains them for evaluation anyway.
 
 Before timing, each trainer kind runs two untimed steps (imports, allocator and kernel warm-up), so the
 first timed run does not pay the process's start-up. The order is ours (one-time passes, safety), stock
@@ -311,7 +313,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
         "python": platform.python_version(),
     }
     try:
@@ -323,6 +325,16 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - midpo depends on all three
         pass
     return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return None
 
 
 def _load() -> list[float]:
@@ -465,7 +477,7 @@ def format_report(result: Mapping[str, Any]) -> str:
     yes = {True: "met", False: "MISSED"}
     lines = [
         f"midpo bench experts  profile={result['profile']}" + (f"  max_pairs={result['max_pairs']}" if result["max_pairs"] else ""),
-        f"machine: {m['usable_cores']} usable cores ({m['cpu_count']} in all), torch {m['torch_version']} with {m['torch_threads']} thread(s), "
+        f"machine: {m['processor']}, {m['usable_cores']} usable cores ({m['cpu_count']} in all), torch {m['torch_version']} with {m['torch_threads']} thread(s), "
         f"device {m['device']}; load average {m['load_average_before']} -> {m['load_average_after']}",
         f"training: {tr['epochs']:g} epoch(s), batch {tr['per_device_batch_size']} x {tr['gradient_accumulation_steps']}, max_length {tr['max_length']}, "
         f"LoRA r {tr['lora_r']} on {','.join(tr['lora_target_modules'])}, seed {tr['seed']}",
