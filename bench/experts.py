@@ -228,11 +228,12 @@ def response_scores(scorer: Any, rows: Sequence[Row]) -> tuple[list[Row], int]:
 def shared_reference_table(model: Any, tokenizer: Any, template: Any, rows: Sequence[Row], *, max_length: int | None, batch_size: int = 32, by_length: bool = True) -> Any:
     """:func:`midpo.train.refs.reference_table` over ``rows`` (any mix of subsets), in length-sorted batches.
 
-    ``reference_table`` batches in pair-id order, i.e. at random lengths: on the tiny world its batches
-    carry 1.68x the real tokens in padding-inflated width (1.17x when sorted by length). Called here on
-    chunks of ``batch_size / 2`` pairs sorted by rendered length (characters: free, and close to the
-    token order), through its public signature; the values differ only by batch-shape float rounding
-    (the ulp-level difference docs/training.md describes). ``by_length=False`` is the plain single call.
+    ``reference_table`` batches in pair-id order, i.e. at random lengths: on the tiny world its padded
+    batches hold 1.68x the real tokens (1.17x when sorted by length). Called here on chunks of
+    ``batch_size / 2`` pairs sorted by rendered length (characters: free, and close to the token order),
+    through its public signature; the values differ only by batch-shape float rounding (the ulp-level
+    difference docs/training.md describes). ``by_length=False`` is the plain single call, the better one
+    once ``reference_table`` sorts its batches itself (docs/benchmarks.md, proposed change 2).
     """
     import datasets
 
@@ -274,7 +275,7 @@ def one_time_passes(
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tokenizer, template = load_model(inputs.base)
+    model, tokenizer, template = load_model(inputs.base, device="cuda" if torch.cuda.is_available() else None)
     table = shared_reference_table(
         model, tokenizer, template, [r for e in EXPERTS for r in inputs.rows[e]], max_length=training.max_length, batch_size=ref_batch_size, by_length=by_length
     )
@@ -372,13 +373,14 @@ def run(
     json_path: str | Path | None = None,
     max_pairs: int | None = None,
     *,
-    reference_by_length: bool = True,
+    reference_by_length: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark on ``profile`` (``--set`` style ``overrides``); returns every figure.
 
     ``max_pairs`` caps each subset at a seeded sample (quick runs and tests); the reported targets refer
-    to the full training sets. ``json_path`` also writes the figures there. ``reference_by_length=False``
-    computes the reference table in ``reference_table``'s own (pair-id) batch order, for comparison.
+    to the full training sets. ``json_path`` also writes the figures there. ``reference_by_length=True``
+    additionally chunks the reference pass by length in the benchmark (``reference_table`` already
+    batches distinct sequences sorted by length, so the default is one plain call).
     """
     from midpo.config import load_config
     from midpo.pipeline import apply_runtime

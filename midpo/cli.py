@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report-dir", type=Path, help="where metrics.json and report.md go (default under $MIDPO_HOME/reports)")
     ev.set_defaults(func=cmd_eval)
 
+    bench = sub.add_parser("bench", help="benchmarks against a stock baseline (docs/benchmarks.md)").add_subparsers(dest="bench_command", required=True)
+    experts = bench.add_parser("experts", help="SPE-DPO expert training vs stock TRL DPOTrainer")
+    _profile_args(experts)
+    experts.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    experts.add_argument("--max-pairs", type=int, help="a seeded sample of N pairs per subset (quick runs)")
+    experts.set_defaults(func=cmd_bench_experts)
+
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved, validated config as YAML")
     _profile_args(show)
@@ -129,6 +136,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report_dir = args.report_dir or default_report_dir(f"eval-{cfg.profile}")
     md = write_report(report_dir, {args.name or folder.name: metrics})
     print(f"report: {md}")
+    return 0
+
+
+def cmd_bench_experts(args: argparse.Namespace) -> int:
+    from midpo_bench.experts import format_report, run
+
+    print(format_report(run(args.profile, args.overrides, args.json, args.max_pairs)))
     return 0
 
 

@@ -122,9 +122,13 @@ def test_reference_table_equals_policy_logps_at_step_zero(base, rows, table, tmp
     seen, worst = 0, 0.0
     for batch in trainer.get_train_dataloader():
         with torch.no_grad():
+            trainer.policy_chunks = 1  # TRL's single padded batch: bit for bit
             policy = trainer.policy_logps(trainer.model, batch)
+            trainer.policy_chunks = 4  # length-sorted sub-batches: other padding widths, float rounding only
+            chunked = trainer.policy_logps(trainer.model, batch)
             same_batch = sequence_logps(reference_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         assert torch.equal(torch.cat([policy.chosen, policy.rejected]), same_batch)
+        torch.testing.assert_close(torch.cat([chunked.chosen, chunked.rejected]), same_batch, rtol=0, atol=1e-4)
         table_values = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
         torch.testing.assert_close(same_batch, table_values, rtol=0, atol=1e-4)
         worst = max(worst, (same_batch - table_values).abs().max().item())

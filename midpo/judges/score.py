@@ -72,14 +72,14 @@ class ScoreLoraConfig:
 
 @dataclass
 class ScoreConfig:
-    """Training of one score model. Defaults measured on the tiny world (docs/judges.md): one epoch over
-    every pair at lr 3e-4 (the reward model's defaults; the cost model's add ``max_pairs=2000``, see
-    :func:`default_cost_config`). TRL's surprising defaults are written out: TRL's RewardConfig would
+    """Training of one score model. Defaults measured on the tiny world (docs/judges.md): three epochs
+    over every pair at lr 1e-3 are the reward model's (:func:`default_reward_config`); the cost model
+    needs one epoch on 2,000 pairs (:func:`default_cost_config`). TRL's surprising defaults are written out: TRL's RewardConfig would
     turn bf16 and gradient checkpointing on and use lr 1e-4. A profile section replaces the whole
     default, so profiles write every field out."""
 
-    learning_rate: float = 3e-4
-    epochs: float = 1.0
+    learning_rate: float = 1e-3
+    epochs: float = 3.0
     batch_size: int = 32
     max_length: int = 128  # tokens of prompt + response; longer pairs are dropped (and counted)
     seed: int = 0  # head init and data order
@@ -112,9 +112,9 @@ def default_reward_config() -> ScoreConfig:
 
 
 def default_cost_config() -> ScoreConfig:
-    """The cost model's defaults for a ``JudgesConfig``: a 2,000-pair sample is enough for its sign
-    (safe/unsafe) on the tiny world and trains in a fraction of the reward model's time (docs/judges.md)."""
-    return ScoreConfig(max_pairs=2000)
+    """The cost model's defaults for a ``JudgesConfig``: one epoch on a 2,000-pair sample at lr 3e-4 gets
+    its sign (safe/unsafe) right on the tiny world in a fraction of the reward model's time (docs/judges.md)."""
+    return ScoreConfig(learning_rate=3e-4, epochs=1.0, max_pairs=2000)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -241,9 +241,23 @@ class MidpoDPOTrainer(DPOTrainer):
 
     # -- the loss ----------------------------------------------------------------------------------------
 
+    policy_chunks = 4  # length-sorted sub-batches of the policy pass (1 = TRL's single padded batch)
+
     def policy_logps(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> LogProbs:
-        """The policy's sequence log-probs of the batch's chosen and rejected rows (TRL layout: [chosen; rejected])."""
-        logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])  # (2B,)
+        """The policy's sequence log-probs of the batch's chosen and rejected rows (TRL layout: [chosen; rejected]).
+
+        TRL's collator right-pads all 2B rows to the longest one. The rows are sorted by length and run in
+        ``policy_chunks`` sub-batches, each cut to its own longest row: a sum over completion tokens does not
+        depend on padding (up to float rounding), and far fewer pad tokens go through the model.
+        """
+        ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        lengths = attention.sum(dim=1)  # (2B,): right padded
+        order = torch.argsort(lengths, descending=True)
+        parts = []
+        for idx in order.tensor_split(max(1, min(self.policy_chunks, len(order)))):
+            width = int(lengths[idx].max())
+            parts.append(sequence_logps(model, ids[idx, :width], attention[idx, :width], completion[idx, :width]))
+        logps = torch.cat(parts)[torch.argsort(order)]  # (2B,), back in batch order
         chosen, rejected = logps.chunk(2, dim=0)
         return LogProbs(chosen, rejected)
 
