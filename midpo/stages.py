@@ -96,15 +96,14 @@ def judges_stage(cfg: JudgesConfig, inputs: dict[str, ArtifactRef], dry_run: boo
     clean labels. The refusal judge never trains on a prompt of the world's eval sets.
     """
     from midpo.judges.refusal import judges_metrics, train_refusal_judge
-    from midpo.judges.score import evaluate_score_models, score_key, train_score_model
+    from midpo.judges.score import evaluate_score_models, score_model_ref, train_score_model
     from midpo.world import clean_labels
 
     base, dataset = _need(inputs, "base", "judges"), _need(inputs, "dataset", "judges")
     store = ArtifactStore()
     if dry_run:
-        keys = [score_key(kind, getattr(cfg, kind), base.version, dataset.version) for kind in ("reward", "cost")]
-        refs = {kind: ArtifactRef(store.uri(k), k.rsplit("/", 1)[-1]) for kind, k in zip(("reward", "cost"), keys)}
-        return StageOutput(refs, {}, all(store.is_complete(k) for k in keys))
+        refs = {kind: score_model_ref(kind, getattr(cfg, kind), base, dataset, store) for kind in ("reward", "cost")}
+        return StageOutput(refs, {}, all(store.is_complete(store.key_of(r.uri)) for r in refs.values()))
     reward, _, reward_hit = train_score_model("reward", cfg.reward, base, dataset, store)
     cost, _, cost_hit = train_score_model("cost", cfg.cost, base, dataset, store)
     world = inputs.get("world")

@@ -351,6 +351,12 @@ def score_key(kind: Kind, cfg: ScoreConfig, base_version: str, dataset_version: 
     return f"judges/{kind}/{version}"
 
 
+def score_model_ref(kind: Kind, cfg: ScoreConfig, base: Path | str | ArtifactRef, dataset_ref: ArtifactRef, store: ArtifactStore) -> ArtifactRef:
+    """The reference :func:`train_score_model` publishes to (for dry runs: is it there already?)."""
+    key = score_key(kind, cfg, _resolve_base(base, store)[1], dataset_ref.version)
+    return ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])
+
+
 def train_score_model(
     kind: Kind,
     cfg: ScoreConfig,
