@@ -19,7 +19,7 @@ import yaml
 
 from midpo.data.schema import PROMPT_KINDS, content_hash
 from midpo.judges.refusal import RefusalConfig
-from midpo.judges.score import ScoreConfig
+from midpo.judges.score import ScoreConfig, default_cost_config, default_reward_config
 from midpo.models.tiny import TinyBaseConfig
 from midpo.world.config import WorldConfig
 
@@ -130,8 +130,8 @@ class BaseConfig:
 class JudgesConfig:
     """The judges: reward and cost score models (SPE-DPO margins, evaluation) and the refusal classifier."""
 
-    reward: ScoreConfig = field(default_factory=ScoreConfig)
-    cost: ScoreConfig = field(default_factory=ScoreConfig)
+    reward: ScoreConfig = field(default_factory=default_reward_config)
+    cost: ScoreConfig = field(default_factory=default_cost_config)
     refusal: RefusalConfig | None = field(default_factory=RefusalConfig)  # null: no learned refusal judge
 
 

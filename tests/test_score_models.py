@@ -384,7 +384,7 @@ def test_key_changes_with_every_input():
 def test_lora_score_model_is_saved_merged(world_inputs):
     """A large base trains LoRA (peft SEQ_CLS: the head trains in full); the folder is a plain merged model."""
     store, dataset, base = world_inputs
-    cfg = ScoreConfig(learning_rate=1e-3, batch_size=8, max_pairs=16, logging_steps=1, lora=ScoreLoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    cfg = ScoreConfig(learning_rate=1e-3, epochs=1.0, batch_size=8, max_pairs=16, logging_steps=1, lora=ScoreLoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     ref, metrics, hit = train_score_model("cost", cfg, base, dataset, store)
     assert not hit and metrics["steps"] == 2 and 0 < metrics["trainable_params"] < metrics["params"]
     folder = store.fetch(store.key_of(ref.uri))
