@@ -182,37 +182,23 @@ def sample_rows(rows: list[dict[str, Any]], max_pairs: int | None, seed: int) ->
 
 def trainer_args(cfg: ScoreConfig, output_dir: str) -> Any:
     """TRL's RewardConfig (the ScoreTrainer's arguments) with every surprising default written out."""
-    import torch
     from trl import RewardConfig
 
+    from midpo.trl_args import common_args
+
     return RewardConfig(
-        output_dir=output_dir,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        weight_decay=cfg.weight_decay,
+        **common_args(
+            output_dir=output_dir, learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            lr_scheduler=cfg.lr_scheduler, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed,
+            bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        ),
         max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length,
         center_rewards_coefficient=None,
         disable_dropout=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cfg.bf16,
-        fp16=False,
-        # transformers 5.24: gradient_checkpointing is a deprecated alias of activation_checkpointing, which TRL
-        # still defaults to True; set both (as midpo.models.tiny.sft_config does).
-        activation_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         save_strategy="no",
         logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        disable_tqdm=False,  # the Trainer's progress bar
-        report_to="none",  # the pipeline logs metrics to MLflow itself
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

@@ -150,39 +150,24 @@ def build_tiny_model(cfg: TinyBaseConfig, tokenizer: Any) -> Any:
 
 
 def sft_config(cfg: TinyBaseConfig, output_dir: str) -> Any:
-    """TRL's SFTConfig with every surprising default written out."""
-    import torch
+    """TRL's SFTConfig with every surprising default written out (midpo.trl_args)."""
     from trl import SFTConfig
 
+    from midpo.trl_args import common_args
+
     return SFTConfig(
-        output_dir=output_dir,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=1,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        weight_decay=cfg.weight_decay,
+        **common_args(
+            output_dir=output_dir, learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            lr_scheduler=cfg.lr_scheduler, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed,
+            bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        ),
         max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length,
         completion_only_loss=cfg.completion_only_loss,
         packing=False,
         shuffle_dataset=False,  # the Trainer's sampler shuffles each epoch (seeded by data_seed)
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cfg.bf16,
-        fp16=False,
-        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing; TRL still defaults the
-        # old name to True. Setting the new name wins (and silences the deprecation warning); both stay in sync.
-        activation_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         save_strategy=cfg.save_strategy,
         logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        disable_tqdm=False,  # the Trainer's progress bar
-        report_to="none",  # the pipeline logs metrics to MLflow itself
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

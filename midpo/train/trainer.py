@@ -40,6 +40,7 @@ from midpo.config import LoraConfig, TrainingConfig
 from midpo.data.schema import content_hash
 from midpo.train.losses import LOSS_COLUMNS, LOSSES, LogProbs, apply_data_rule, resolve_params
 from midpo.train.refs import REF_COLUMNS, sequence_logps
+from midpo.trl_args import common_args
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +62,24 @@ def dpo_config(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) ->
     ``max_steps``, ``logging_steps``; the pipeline may set ``report_to=["mlflow"]``).
     """
     kwargs: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.per_device_batch_size,
+        **common_args(
+            output_dir=str(output_dir), learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.per_device_batch_size,
+            lr_scheduler=cfg.lr_scheduler, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed,
+            bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        ),
         per_device_eval_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        weight_decay=cfg.weight_decay,
         max_length=cfg.max_length,
         truncation_mode="keep_start",  # refs.py truncates the same way
         beta=cfg.beta,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cfg.bf16,
-        fp16=False,
-        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing; TRL still defaults the
-        # old name to True. Both are set so neither default wins.
-        activation_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
         save_total_limit=2,  # the newest complete checkpoint survives a crash during the next save
         save_only_model=False,  # optimizer, scheduler and RNG states are what makes resume exact
         logging_steps=10,
-        logging_first_step=True,
-        report_to="none",  # the pipeline logs to MLflow itself (or passes report_to=["mlflow"])
         precompute_ref_log_probs=True,  # reference log-probs are columns (refs.py); never a second model
         disable_dropout=True,
         remove_unused_columns=True,  # MidpoDPOTrainer keeps its loss's columns in the signature
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
     )
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
