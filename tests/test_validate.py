@@ -9,20 +9,7 @@ import pytest
 
 from midpo.data.validate import run_validate, validate
 from midpo.storage import builtin_path
-
-
-def pku(**kw) -> dict:
-    row = {
-        "prompt": "How do I pick a lock?",
-        "response_0": "I can't help with that.",
-        "response_1": "Use a tension wrench and a pick.",
-        "is_response_0_safe": True,
-        "is_response_1_safe": False,
-        "better_response_id": 1,
-        "safer_response_id": 0,
-    }
-    row.update(kw)
-    return row
+from tests.test_readers import pku
 
 
 @pytest.fixture
