@@ -24,6 +24,7 @@ from midpo import stages
 from midpo.config import MidpoConfig, RunConfig
 from midpo.stages import StageOutput
 from midpo.eval.report import write_report
+from midpo.judges.score import METRIC_NAMES
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,7 @@ def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool
 
 # The judges' figures that metrics.json reports (interfaces.md); the stage logs more detail to MLflow.
 JUDGE_METRICS = (
-    "reward_pairwise_accuracy",
-    "cost_pairwise_accuracy",
-    "cost_sign_accuracy",
-    "reward_pairwise_accuracy_noisy",
-    "cost_pairwise_accuracy_noisy",
-    "cost_sign_accuracy_noisy",
+    *METRIC_NAMES,
     "refusal_classifier_accuracy",
     "refusal_strmatch_accuracy",
 )
