@@ -17,7 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from midpo.data.schema import PROMPT_KINDS, content_hash
+from midpo.data.schema import PROMPT_KINDS
 from midpo.judges.refusal import RefusalConfig
 from midpo.judges.score import ScoreConfig, default_cost_config, default_reward_config
 from midpo.models.tiny import TinyBaseConfig
@@ -186,10 +186,6 @@ class MidpoConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def section_hash(self, section: str) -> str:
-        """Content hash of one section, for cache keys of the stage that reads it."""
-        return content_hash(dataclasses.asdict(getattr(self, section)))[:16]
 
 
 # --------------------------------------------------------------------------------------------------

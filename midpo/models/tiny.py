@@ -97,7 +97,7 @@ class TinyBaseConfig:
 def _turns(example: dict[str, Any]) -> tuple[str, str, list[dict[str, str]]]:
     try:
         prompt, response = example["prompt"], example["response"]
-    except KeyError as e:
+    except KeyError:
         raise ValueError(f"an SFT example needs 'prompt' and 'response', got keys {sorted(example)}") from None
     return prompt, response, list(example.get("context") or [])
 
