@@ -105,6 +105,10 @@ class TrainingConfig:
     weight_decay: float = 0.01
     max_length: int = 512
     seed: int = 0
+    max_steps: int = -1  # > 0 stops after that many optimizer steps (smoke runs); -1 = the epochs decide
+    # Mirror checkpoints under the artifact root (``checkpoints/<run key>``) so a retry on another machine
+    # resumes; off, they stay under $MIDPO_HOME/checkpoints. Where checkpoints go never changes a result.
+    sync_checkpoints: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:

@@ -30,6 +30,8 @@ class StageOutput:
     outputs: dict[str, ArtifactRef]
     metrics: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = False
+    # training curves to log, {run name: URI of a transformers ``log_history.json``}: URIs, not the curves
+    curves: dict[str, str] = field(default_factory=dict)
 
 
 def _need(inputs: dict[str, ArtifactRef], name: str, stage: str) -> ArtifactRef:

@@ -74,6 +74,7 @@ def dpo_config(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) ->
         beta=cfg.beta,
         save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
+        max_steps=cfg.max_steps,
         save_total_limit=2,  # the newest complete checkpoint survives a crash during the next save
         save_only_model=False,  # optimizer, scheduler and RNG states are what makes resume exact
         logging_steps=10,
