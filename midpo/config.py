@@ -21,6 +21,7 @@ from midpo.data.schema import PROMPT_KINDS
 from midpo.judges.refusal import RefusalConfig
 from midpo.judges.score import ScoreConfig, default_cost_config, default_reward_config
 from midpo.models.tiny import TinyBaseConfig
+from midpo.moe.core import GateConfig
 from midpo.world.config import WorldConfig
 
 
@@ -40,10 +41,15 @@ class SourceConfig:
     uri: str
     format: Literal["auto", "pku", "hh", "alpaca-eval"] = "auto"
     prompt_kind: str | None = None  # set the prompt kind of every record of this source
+    # Keep only the first N usable pairs of this source (file order, after exclusions and duplicates):
+    # a slice for smoke runs. The kept records are the dataset's content, so another limit is another version.
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_kind is not None and self.prompt_kind not in PROMPT_KINDS:
             raise ValueError(f"prompt_kind must be one of {PROMPT_KINDS} or null, got {self.prompt_kind!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ValueError(f"limit must be a positive number of records or null, got {self.limit!r}")
 
 
 @dataclass
@@ -84,6 +90,16 @@ class LoraConfig:
 
 
 @dataclass
+class MethodOverrides:
+    """One method's departures from the shared training section (e.g. each expert's learning rate)."""
+
+    learning_rate: float | None = None
+    beta: float | None = None
+    epochs: float | None = None
+    loss_params: dict[str, float] = field(default_factory=dict)  # the loss's own parameters (SafeDPO's delta, ...)
+
+
+@dataclass
 class TrainingConfig:
     """Preference-training hyperparameters shared by the experts, baselines and router.
 
@@ -109,13 +125,36 @@ class TrainingConfig:
     # Mirror checkpoints under the artifact root (``checkpoints/<run key>``) so a retry on another machine
     # resumes; off, they stay under $MIDPO_HOME/checkpoints. Where checkpoints go never changes a result.
     sync_checkpoints: bool = False
+    parallel: int = 2  # methods trained at once, each in its own child process (the two experts overlap)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Methods trained beyond the two experts (midpo-method.md baselines; `midpo compare` asks for all).
+    baselines: list[str] = field(default_factory=list)
+    methods: dict[str, MethodOverrides] = field(default_factory=dict)  # per-method overrides, by method name
+
+    def for_method(self, name: str) -> TrainingConfig:
+        """The training config of method ``name``: its overrides applied, the per-method tables dropped
+        (so a method's version depends on its own settings only)."""
+        o = self.methods.get(name, MethodOverrides())
+        changes = {k: v for k in ("learning_rate", "beta", "epochs") if (v := getattr(o, k)) is not None}
+        return dataclasses.replace(self, **changes, baselines=[], methods={})
+
+    RUNTIME_FIELDS = ("sync_checkpoints", "parallel")  # where and how a run trains, never what it learns
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that decide what training learns (versions and run claims hash these)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+    def loss_params(self, name: str) -> dict[str, float]:
+        return dict(self.methods[name].loss_params) if name in self.methods else {}
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.parallel < 1:
+            raise ValueError("per_device_batch_size, gradient_accumulation_steps and parallel must be >= 1")
+        from midpo.train.methods import check_names
+
+        check_names([*self.baselines, *self.methods])
 
 
 @dataclass
@@ -172,6 +211,25 @@ class RunConfig:
 
 
 @dataclass
+class RouterConfig:
+    """MidPO stage 2: the router's pairs (D_dual, midpo.moe.dual) and its gates over the frozen experts.
+
+    ``training`` holds the optimizer settings (its ``lora`` and per-method tables do not apply: only the
+    gates train). The reference is the base, through the shared reference log-probs.
+    """
+
+    training: TrainingConfig
+    dual_rule: Literal["label", "label+safety", "reward", "reward+safety"] = "label+safety"
+    reward_choice: Literal["higher-reward", "lower-cost"] = "higher-reward"  # the reward rules' chosen response
+    gate: GateConfig = field(default_factory=GateConfig)
+    reg_weight: float = 1.0  # weight of mean(alpha) + mean(1 - beta)
+
+    def __post_init__(self) -> None:
+        if self.reg_weight < 0:
+            raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
+
+
+@dataclass
 class MidpoConfig:
     """A whole profile. Sections map one-to-one onto pipeline stages."""
 
@@ -181,6 +239,7 @@ class MidpoConfig:
     world: WorldConfig | None = None  # the synthetic world (tiny profiles); absent for real data
     base: BaseConfig | None = None
     judges: JudgesConfig | None = None
+    router: RouterConfig | None = None
     eval: EvalConfig | None = None
     run: RunConfig = field(default_factory=RunConfig)
     description: str = ""
@@ -301,6 +360,11 @@ def _build(tp: Any, value: Any, key: str, origin: str) -> Any:
         return {_build(args[0], k, key, origin): _build(args[1], v, _join(key, str(k)), origin) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")

@@ -43,9 +43,12 @@ STAGES: list[Stage] = [
     Stage("base", "base", stages.base_stage),
     Stage("judges", "judges", stages.judges_stage),
     Stage("experts", "training", stages.experts_stage),
+    Stage("dual", "router", stages.dual_stage),
+    Stage("router", "router", stages.router_stage),
+    Stage("moe", "router", stages.moe_stage),
     Stage("eval", "eval", stages.eval_stage),
 ]
-PLANNED = ["dual", "router", "moe", "register"]
+PLANNED = ["register"]
 
 
 @dataclass
@@ -102,6 +105,8 @@ def execute_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef]
     with tracking.stage_run(cfg.run.experiment, stage.name, params={stage.section: dataclasses.asdict(section)}) as mlflow:
         out = stage.run(section, dict(inputs), False)
         mlflow.log_metrics({**out.metrics, "cache_hit": float(out.cache_hit)})
+        for name, uri in out.curves.items():  # on a cache hit too: the history is part of the artifact
+            tracking.log_curves(cfg.run.experiment, name, uri)
     seconds = time.perf_counter() - t0
     budget = cfg.run.stage_budgets.get(stage.name)
     if budget is not None and seconds > budget:

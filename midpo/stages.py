@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig, TrainingConfig
+from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig, RouterConfig, TrainingConfig
 from midpo.data.prepare import prepare
 from midpo.data.schema import content_hash
 from midpo.models.tiny import base_key
@@ -76,11 +76,16 @@ def data_stage(cfg: DataConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
 
 
 def base_stage(cfg: BaseConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """The tiny base: SFT on the world's dialogues; its tokenizer knows the whole world vocabulary."""
+    """The base policy: an existing model (``base.model``) published once as ``bases/<hash of the source>``,
+    or the tiny base (``base.tiny``): SFT on the world's dialogues, its tokenizer knowing the whole world vocabulary."""
     from midpo.models.tiny import base_stage as build_base
 
-    if cfg.tiny is None:
-        raise ConfigError("base.model: loading an existing base model is not wired into the pipeline yet; use base.tiny")
+    if cfg.model is not None:
+        from midpo.models.existing import publish_base
+
+        ref, metrics, hit = publish_base(cfg.model, ArtifactStore(), dry_run=dry_run)
+        return StageOutput({"base": ref}, metrics, hit)
+    assert cfg.tiny is not None  # BaseConfig sets exactly one of the two
     world = _need(inputs, "world", "base")
     examples = _read_jsonl(f"{world.uri}/{SFT}")
     store = ArtifactStore()
@@ -130,18 +135,113 @@ def world_eval_sets(world: ArtifactRef, names: list[str]) -> list[Any]:
 
 
 def experts_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """Both SPE-DPO experts (safety: cost margins; helpfulness: reward margins), concurrently."""
-    from midpo.train.experts import plan_experts, train_experts
+    """Both SPE-DPO experts (safety: cost margins; helpfulness: reward margins), concurrently, and the
+    baselines the profile asks for (``training.baselines``), after the shared one-time passes."""
+    from midpo.train.methods import EXPERTS, plan_methods, train_methods
+    from midpo.train.trainer import LOG_HISTORY
 
+    names = [*EXPERTS, *cfg.baselines]
     needed = [_need(inputs, name, "experts") for name in ("base", "dataset", "reward", "cost")]
     if dry_run:
-        outputs, complete = plan_experts(*needed, cfg)
+        outputs, complete = plan_methods(names, *needed, cfg)
         return StageOutput(outputs, {}, complete)
-    outputs, metrics, hit = train_experts(*needed, cfg)
-    return StageOutput(outputs, metrics, hit)
+    outputs, metrics, hit = train_methods(names, *needed, cfg)
+    store = ArtifactStore()
+    curves = {n: f"{ref.uri}/{LOG_HISTORY}" for n, ref in outputs.items() if LOG_HISTORY in store.manifest(store.key_of(ref.uri))["files"]}
+    return StageOutput(outputs, metrics, hit, curves)
 
 
-METHODS = ("base", "safety-expert", "helpfulness-expert")  # evaluated when the pipeline produced them
+def _folder(ref: ArtifactRef) -> Path:
+    store = ArtifactStore()
+    return store.fetch(store.key_of(ref.uri))
+
+
+def dual_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """D_dual by ``router.dual_rule`` from the dataset's train split (and the response scores for the
+    reward rules): ``dual/<hash>`` with ``train.parquet`` and its counts per prompt kind."""
+    import datasets
+
+    from midpo.data.prepare import load_pairs_table, load_subset
+    from midpo.moe.dual import build_dual
+    from midpo.train.passes import SCORES_FILE
+
+    dataset, scores = _need(inputs, "dataset", "dual"), _need(inputs, "scores", "dual")
+    store = ArtifactStore()
+    version = content_hash({"dataset": dataset.version, "scores": scores.version, "rule": cfg.dual_rule, "choice": cfg.reward_choice})[:16]
+    key = f"dual/{version}"
+    ref = ArtifactRef(store.uri(key), version)
+    if store.is_complete(key) or dry_run:
+        counts = store.manifest(key)["metadata"]["counts"] if store.is_complete(key) else {}
+        return StageOutput({"dual": ref}, _count_metrics(counts), store.is_complete(key))
+    pairs = [p for p in load_pairs_table(dataset, store).to_list() if p["split"] == "train"]
+    table = datasets.Dataset.from_parquet(str(_folder(scores) / SCORES_FILE))
+    by_response = {(r["pair_id"], int(r["response_index"])): (r["reward"], r["cost"]) for r in table}
+    rows, counts = build_dual(pairs, load_subset(dataset, "safety", "train", store).to_list(), by_response, cfg.dual_rule, cfg.reward_choice)
+    if not rows:
+        raise ConfigError(f"router.dual_rule {cfg.dual_rule!r} leaves no router pairs in this dataset ({counts}); choose another rule")
+    with tempfile.TemporaryDirectory(prefix="midpo-dual-") as tmp:
+        datasets.Dataset.from_list(rows).to_parquet(str(Path(tmp) / "train.parquet"))
+        ref = store.publish(Path(tmp), key, metadata={"rule": cfg.dual_rule, "reward_choice": cfg.reward_choice, "counts": counts})
+    return StageOutput({"dual": ref}, _count_metrics(counts), False)
+
+
+def _count_metrics(counts: dict[str, dict[str, int]]) -> dict[str, float]:
+    return {f"{part}_{kind}": float(n) for part, by_kind in counts.items() for kind, n in by_kind.items()}
+
+
+def router_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The gates over both frozen experts, trained on D_dual against the base: ``routers/<hash>``."""
+    import datasets
+
+    from midpo.train.refs import attach_reference, load_reference_table
+    from midpo.train.trainer import LOG_HISTORY
+
+    needed = {n: _need(inputs, n, "router") for n in ("base", "dual", "refs", "safety-expert", "helpfulness-expert")}
+    store = ArtifactStore()
+    versions = {n: r.version for n, r in needed.items()}
+    version = content_hash({**versions, "training": cfg.training.recipe(), "gate": dataclasses.asdict(cfg.gate), "reg_weight": cfg.reg_weight})[:16]
+    key = f"routers/{version}"
+    ref = ArtifactRef(store.uri(key), version)
+    curves = {"router": f"{ref.uri}/{LOG_HISTORY}"}
+    if store.is_complete(key):
+        return StageOutput({"router": ref}, store.manifest(key)["metadata"]["metrics"], True, curves)
+    if dry_run:
+        return StageOutput({"router": ref}, {}, False)
+    from midpo.moe.router import train_router
+    from midpo.storage import midpo_home
+
+    table, _ = load_reference_table(_folder(needed["refs"]))
+    rows = attach_reference(datasets.Dataset.from_parquet(str(_folder(needed["dual"]) / "train.parquet")).to_list(), table)
+    mirror = (store, f"checkpoints/{key}") if cfg.training.sync_checkpoints else None
+    with tempfile.TemporaryDirectory(prefix="midpo-router-") as tmp:
+        metrics = train_router(
+            _folder(needed["base"]), _folder(needed["safety-expert"]), _folder(needed["helpfulness-expert"]), rows,
+            cfg.training, cfg.gate, cfg.reg_weight, tmp, checkpoint_dir=midpo_home() / "checkpoints" / key,
+            checkpoint_mirror=mirror, experts={n: versions[n] for n in ("safety-expert", "helpfulness-expert")}, data_version=needed["dual"].version,
+        )
+        ref = store.publish(Path(tmp), key, metadata={**versions, "metrics": metrics})
+    return StageOutput({"router": ref}, metrics, False, curves)
+
+
+def moe_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The MidPO model as one folder (base, both experts, gates, hashed config): ``models/midpo/<hash>``."""
+    from midpo.moe.package import save_moe
+
+    parts = {n: _need(inputs, n, "moe") for n in ("base", "safety-expert", "helpfulness-expert", "router")}
+    store = ArtifactStore()
+    version = content_hash({n: r.version for n, r in parts.items()})[:16]
+    key = f"models/midpo/{version}"
+    ref = ArtifactRef(store.uri(key), version)
+    if store.is_complete(key) or dry_run:
+        return StageOutput({"midpo": ref}, {}, store.is_complete(key))
+    with tempfile.TemporaryDirectory(prefix="midpo-moe-") as tmp:
+        folder = save_moe(Path(tmp) / "midpo", *(_folder(parts[n]) for n in ("base", "safety-expert", "helpfulness-expert", "router")))
+        ref = store.publish(folder, key, metadata={n: r.version for n, r in parts.items()})
+    return StageOutput({"midpo": ref}, {}, False)
+
+
+# evaluated when the pipeline produced them, in this order (interfaces.md's method names)
+METHODS = ("base", "safety-expert", "helpfulness-expert", "midpo", "merge-half", "dpo-helpful", "dpo-harmless", "dpo-mix", "safedpo", "bfpo", "modpo")
 
 
 def _score_judges(inputs: dict[str, ArtifactRef]) -> Any:

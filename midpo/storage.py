@@ -195,6 +195,37 @@ class ArtifactStore:
         # The manifest goes last and only if absent: concurrent writers cannot overwrite each other.
         client.put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest, indent=2).encode(), IfNoneMatch="*")
 
+    def children(self, prefix: str) -> list[str]:
+        """Names of the folders directly under ``prefix`` (complete or not: check :meth:`is_complete`), sorted."""
+        if not self.is_s3:
+            folder = self._local(prefix)
+            if not folder.is_dir():
+                return []
+            return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))  # skip staging
+        bucket, key_prefix = split_s3(self.uri(prefix))
+        names: set[str] = set()
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key_prefix}/", Delimiter="/"):
+            names.update(cp["Prefix"][len(key_prefix) + 1 :].rstrip("/") for cp in page.get("CommonPrefixes", []))
+        return sorted(names)
+
+    def delete(self, key: str) -> None:
+        """Remove version ``key``: the manifest first (the version is incomplete from then on), then its files.
+
+        A crash part-way leaves an incomplete version, never a complete one with missing files.
+        """
+        if not self.is_s3:
+            dest = self._local(key)
+            (dest / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            return
+        bucket, prefix = split_s3(self.uri(key))
+        client = s3_client()
+        client.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")  # the slash: not checkpoint-10 for checkpoint-1
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        for i in range(0, len(keys), 1000):  # delete_objects takes at most 1000 keys
+            client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+
     def key_of(self, uri: str) -> str:
         """The key of an artifact URI under this root."""
         if not uri.startswith(self.root + "/"):

@@ -82,7 +82,9 @@ def load_pairs(cfg: DataConfig) -> tuple[list[PreferencePair], list[Problem], li
     """Read every source; returns unique pairs sorted by id, all problems, and per-source summaries.
 
     Read errors abort with :class:`DataError`; warnings (exclusions) are returned, never dropped silently.
-    A pair that occurs in two sources is kept once and the second counted as ``duplicate``.
+    A pair that occurs in two sources is kept once and the second counted as ``duplicate``. A source with
+    a ``limit`` contributes its first ``limit`` usable pairs (file order); it is still read and validated
+    in full, so its exclusions describe the whole source.
     """
     pairs: dict[str, PreferencePair] = {}
     problems: list[Problem] = []
@@ -97,6 +99,8 @@ def load_pairs(cfg: DataConfig) -> tuple[list[PreferencePair], list[Problem], li
         problems += [Problem(f"{src.uri} {p.place}", p.reason, p.detail) for p in result.problems]
         kept = 0
         for record in result.records:
+            if src.limit is not None and kept >= src.limit:  # a slice: the first `limit` usable pairs
+                break
             if not isinstance(record, PreferencePair):
                 raise DataError(f"{src.uri}: format {result.format!r} holds no preference pairs (use it as an eval or judge set)")
             if record.pair_id in pairs:
@@ -104,7 +108,7 @@ def load_pairs(cfg: DataConfig) -> tuple[list[PreferencePair], list[Problem], li
                 continue
             pairs[record.pair_id] = record
             kept += 1
-        summaries.append({"uri": src.uri, "format": result.format, "seen": result.n_seen, "kept": kept})
+        summaries.append({"uri": src.uri, "format": result.format, "seen": result.n_seen, "kept": kept, **({"limit": src.limit} if src.limit is not None else {})})
     return [pairs[k] for k in sorted(pairs)], problems, summaries
 
 

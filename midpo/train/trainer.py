@@ -25,10 +25,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -41,6 +41,9 @@ from midpo.data.schema import content_hash
 from midpo.train.losses import LOSS_COLUMNS, LOSSES, LogProbs, apply_data_rule, resolve_params
 from midpo.train.refs import REF_COLUMNS, sequence_logps
 from midpo.trl_args import common_args
+
+if TYPE_CHECKING:
+    from midpo.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +154,13 @@ class MidpoDPOTrainer(DPOTrainer):
         callbacks: Sequence[TrainerCallback] | None = None,
         extra_columns: Sequence[str] = (),
     ) -> None:
-        from accelerate.utils import is_peft_model
-
         self.loss_name = loss_name
         self.loss_beta, self.loss_params = resolve_params(loss_name, args.beta, loss_params)
         self.loss_fn = LOSSES[loss_name]
         self.extra_columns = tuple(dict.fromkeys((*LOSS_COLUMNS[loss_name], *extra_columns)))
         if not args.precompute_ref_log_probs:
             raise ValueError("MidpoDPOTrainer reads the reference from columns: set precompute_ref_log_probs=True (dpo_config does)")
-        if peft_config is None or is_peft_model(model):
-            # A PeftModel with a trained adapter would make TRL copy that adapter as the reference.
-            raise ValueError("pass the plain base model and a peft_config (a fresh LoRA); the reference is the base")
+        self._check_model(model, peft_config)
         for name, ds in (("train", train_dataset), ("eval", eval_dataset)):
             missing = [c for c in self.extra_columns if ds is not None and c not in ds.column_names]
             if missing:
@@ -190,15 +189,31 @@ class MidpoDPOTrainer(DPOTrainer):
 
     # -- trainable parameters --------------------------------------------------------------------------
 
+    is_trainable = staticmethod(is_lora_parameter)  # the allowlist: a subclass trains something else
+    uses_lora = True  # train_adapter attaches a fresh LoRA (peft_lora_config)
+
+    def save_trained(self, out_dir: Path) -> None:
+        """The trained result in ``out_dir``: the adapter in PEFT format."""
+        self.model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
+
+    @staticmethod
+    def _check_model(model: Any, peft_config: Any) -> None:
+        from accelerate.utils import is_peft_model
+
+        if peft_config is None or is_peft_model(model):
+            # A PeftModel with a trained adapter would make TRL copy that adapter as the reference.
+            raise ValueError("pass the plain base model and a peft_config (a fresh LoRA); the reference is the base")
+
     def _freeze_to_allowlist(self) -> None:
-        """Train the LoRA matrices and nothing else (torchtune's ``set_trainable_params``), then assert it."""
-        allow = {n for n, _ in self.model.named_parameters() if is_lora_parameter(n)}
+        """Train the allowlisted parameters (LoRA matrices) and nothing else (torchtune's
+        ``set_trainable_params``), then assert it."""
+        allow = {n for n, _ in self.model.named_parameters() if self.is_trainable(n)}
         if not allow:
-            raise ValueError("the model has no LoRA parameters: check peft_config.target_modules")
+            raise ValueError("the model has no trainable parameters on the allowlist: check peft_config.target_modules")
         for name, p in self.model.named_parameters():
             p.requires_grad_(name in allow)
         trainable = self.trainable_parameter_names()
-        assert trainable == sorted(allow), f"trainable parameters outside the LoRA allowlist: {sorted(set(trainable) - allow)}"
+        assert trainable == sorted(allow), f"trainable parameters outside the allowlist: {sorted(set(trainable) - allow)}"
 
     def trainable_parameter_names(self) -> list[str]:
         return sorted(n for n, p in self.model.named_parameters() if p.requires_grad)
@@ -249,10 +264,8 @@ class MidpoDPOTrainer(DPOTrainer):
         chosen, rejected = logps.chunk(2, dim=0)
         return LogProbs(chosen, rejected)
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
-        if return_outputs:
-            raise NotImplementedError("MidpoDPOTrainer returns no logits: evaluate with prediction_loss_only (no compute_metrics)")
-        mode = "train" if self.model.training else "eval"
+    def loss_and_metrics(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's mean loss and per-example metrics (TRL's names); a subclass adds terms here."""
         missing = [k for k in (*REF_COLUMNS, *self.extra_columns) if k not in inputs]
         if missing:
             raise KeyError(f"batch lacks {missing}: a column was dropped before the loss (keys: {sorted(inputs)})")
@@ -260,10 +273,16 @@ class MidpoDPOTrainer(DPOTrainer):
         reference = LogProbs(inputs["ref_chosen_logps"].to(policy.chosen.dtype), inputs["ref_rejected_logps"].to(policy.chosen.dtype))
         batch = {k: inputs[k] for k in self.extra_columns}
         losses, metrics = self.loss_fn(policy, reference, batch, beta=self.beta, **self.loss_params)
-        metrics = {**metrics, "logps/chosen": policy.chosen.detach(), "logps/rejected": policy.rejected.detach()}
+        return losses.mean(), {**metrics, "logps/chosen": policy.chosen.detach(), "logps/rejected": policy.rejected.detach()}
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if return_outputs:
+            raise NotImplementedError("MidpoDPOTrainer returns no logits: evaluate with prediction_loss_only (no compute_metrics)")
+        mode = "train" if self.model.training else "eval"
+        loss, metrics = self.loss_and_metrics(model, inputs)
         for key, value in metrics.items():
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.detach().float()).mean().item())
-        return losses.mean()
+        return loss
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +351,11 @@ def train_adapter(
     eval_rows: Iterable[Mapping[str, Any]] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     config_overrides: Mapping[str, Any] | None = None,
+    checkpoint_mirror: tuple[ArtifactStore, str] | None = None,
+    trainer_cls: type[MidpoDPOTrainer] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    prepare_model: Callable[[Any], Any] | None = None,
+    run_meta: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train one LoRA adapter on the base in ``model_folder`` with loss ``loss_name``; returns small metrics.
 
@@ -346,6 +370,16 @@ def train_adapter(
 
     ``checkpoint_dir`` is claimed by this run (``midpo_run.json``: loss, parameters, config, data version,
     base); resuming there with anything else is an error rather than a silent mix of two runs.
+
+    ``checkpoint_mirror=(store, prefix)`` mirrors every checkpoint to ``<prefix>/checkpoint-N`` in the
+    artifact store (the newest 2 kept; the claim at ``<prefix>/run``), and before training fetches the
+    newest complete mirrored one into ``checkpoint_dir`` when it is newer than any local one, so a retry
+    on another machine resumes (:mod:`midpo.train.checkpoints`).
+
+    Another member of the trainer family (the MoE router) passes its ``trainer_cls`` (a subclass, which
+    decides whether a fresh LoRA is attached, what trains and what ``save_trained`` writes), its
+    ``trainer_kwargs``, ``prepare_model`` (applied to the loaded base, e.g. attaching the experts) and
+    ``run_meta`` (what else the run depends on, e.g. the experts' versions: part of the claim).
     """
     import peft
     import transformers
@@ -376,25 +410,37 @@ def train_adapter(
         "loss": loss_name,
         "loss_params": params,
         "beta": beta,
-        "training": dataclasses.asdict(cfg),
+        "training": cfg.recipe(),
         "config_overrides": dict(config_overrides or {}),
         "data_version": data_version,
         "base": base_meta,
+        "trainer": (trainer_cls or MidpoDPOTrainer).__name__,
+        "trainer_kwargs": dict(trainer_kwargs or {}),
+        **dict(run_meta or {}),
     }
+    if checkpoint_mirror is not None:
+        from midpo.train.checkpoints import MirrorCheckpoints, restore_checkpoint
+
+        restore_checkpoint(*checkpoint_mirror, checkpoint_dir)
+        callbacks = [*callbacks, MirrorCheckpoints(*checkpoint_mirror)]
     _claim_checkpoint_dir(Path(checkpoint_dir), run)
 
     model, tokenizer, template = load_model(model_folder)
+    if prepare_model is not None:
+        prepare_model(model)
+    trainer_cls = trainer_cls or MidpoDPOTrainer
     args = dpo_config(cfg, checkpoint_dir, **dict(config_overrides or {}))
-    trainer = MidpoDPOTrainer(
+    trainer = trainer_cls(
         model,
         args,
         preference_dataset(rows, template, columns),
         tokenizer,
         loss_name=loss_name,
         loss_params=loss_params,
-        peft_config=peft_lora_config(cfg.lora),
+        peft_config=peft_lora_config(cfg.lora) if trainer_cls.uses_lora else None,
         eval_dataset=preference_dataset(eval_data, template, columns) if eval_data else None,
         callbacks=callbacks,
+        **dict(trainer_kwargs or {}),
     )
     resume = last_checkpoint(checkpoint_dir)
     resumed_step = 0
@@ -407,7 +453,7 @@ def train_adapter(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
+    trainer.save_trained(out_dir)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
