@@ -50,12 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report-dir", type=Path, help="where metrics.json and report.md go (default under $MIDPO_HOME/reports)")
     ev.set_defaults(func=cmd_eval)
 
+    gen = sub.add_parser("generate", help="generate with any packaged model, the MoE included (docs/moe.md)")
+    gen.add_argument("--model", required=True, help="a MoE folder, a model folder, a file:// or s3:// URI, or models:/NAME@ALIAS (MLflow)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    source.add_argument("--file", metavar="FILE", help="a prompt file (txt: one per line; csv/jsonl with a prompt column)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--seed", type=int, help="seed torch's generator (reproducible sampling)")
+    gen.add_argument("--jsonl", action="store_true", help="print one JSON object {prompt, response} per line")
+    gen.set_defaults(func=cmd_generate)
+
     bench = sub.add_parser("bench", help="benchmarks against a stock baseline (docs/benchmarks.md)").add_subparsers(dest="bench_command", required=True)
     experts = bench.add_parser("experts", help="SPE-DPO expert training vs stock TRL DPOTrainer")
     _profile_args(experts)
     experts.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     experts.add_argument("--max-pairs", type=int, help="a seeded sample of N pairs per subset (quick runs)")
     experts.set_defaults(func=cmd_bench_experts)
+    moe = bench.add_parser("moe", help="MoE generation (two experts + gates) vs the base with one merged adapter")
+    _profile_args(moe)
+    moe.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="also write every figure to this JSON file")
+    moe.add_argument("--batch", type=int, help="prompts per generation (default: tiny 32, smollm2 8, others 8)")
+    moe.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default: tiny 48, smollm2 64, others 16)")
+    moe.add_argument("--rounds", type=int, help="timed alternating rounds (default: tiny 15, others 5)")
+    moe.add_argument("--experts", choices=["pipeline", "random"], help="trained experts from the pipeline, or random LoRAs (default by profile)")
+    moe.add_argument("--no-prototypes", dest="prototypes", action="store_false", help="skip the fused-layer prototypes")
+    moe.add_argument("--device", help="cpu or cuda (default cuda when available)")
+    moe.set_defaults(func=cmd_bench_moe)
 
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved, validated config as YAML")
@@ -139,10 +161,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One generation per prompt from a MoE folder, a plain model, or a registered MLflow model."""
+    import json
+
+    if args.file:
+        from midpo.data.readers import read_source
+
+        records = read_source(args.file, "prompts").records
+        prompts = [r.prompt for r in records]
+    else:
+        prompts = list(args.prompt)
+    if not prompts:
+        raise ConfigError(f"{args.file}: no prompts")
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    params = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p}
+    if args.model.startswith("models:/"):
+        import mlflow
+
+        from midpo.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        responses = list(mlflow.pyfunc.load_model(args.model).predict(prompts, params=params))
+    else:
+        from midpo.moe.package import generate, is_moe_folder, load_moe
+        from midpo.storage import ArtifactStore, NotFound, local_copy
+
+        store = ArtifactStore()
+        if args.model.startswith(store.root + "/"):
+            folder = store.fetch(store.key_of(args.model))
+        else:
+            from midpo.models.provision import resolve_model
+
+            try:  # a local path or file:// as it is (a MoE folder has no config.json at its top)
+                folder = local_copy(args.model) if not args.model.startswith("s3://") else resolve_model(args.model)
+            except NotFound:
+                folder = resolve_model(args.model)  # hub ids, package aliases (smollm2), or its clear error
+        if is_moe_folder(folder):
+            from midpo.moe.package import MoEPackageError
+
+            try:
+                model, tokenizer = load_moe(folder)
+            except MoEPackageError as e:  # a corrupted or unknown package: say which file, no traceback
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            responses = generate(model, tokenizer, prompts, **params)
+        elif (folder / "adapter_config.json").is_file():
+            raise ConfigError(f"{args.model} is a LoRA adapter, not a model: package it with its base (a MoE folder or a merged model)")
+        else:
+            from midpo.models.load import load_model
+            from midpo.moe.package import TEMPLATE_KEY
+
+            model, tokenizer, template = load_model(folder)
+            tokenizer.init_kwargs[TEMPLATE_KEY] = template.family  # the family load_model chose (midpo_base.json first)
+            responses = generate(model, tokenizer, prompts, **params)
+    for prompt, response in zip(prompts, responses, strict=True):
+        print(json.dumps({"prompt": prompt, "response": response}) if args.jsonl else response)
+    return 0
+
+
 def cmd_bench_experts(args: argparse.Namespace) -> int:
     from midpo_bench.experts import format_report, run
 
     print(format_report(run(args.profile, args.overrides, args.json, args.max_pairs)))
+    return 0
+
+
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    from midpo_bench.moe import format_report, run_args
+
+    print(format_report(run_args(args)))
     return 0
 
 

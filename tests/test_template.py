@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from midpo.models.template import WORLD_SPECIALS, ChatTemplate, WorldTemplate, template_for
+from midpo.models.template import EOS, WORLD_SPECIALS, ChatTemplate, WorldTemplate, template_for
 from midpo.models.tokenizer import prepare_tokenizer, train_world_tokenizer
 
 CORPUS = [
@@ -168,3 +168,11 @@ def test_prepare_tokenizer_adds_a_pad_when_there_is_no_eos():
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>"))
     assert tok.pad_token == "<pad>" and tok.pad_token_id == 2
+
+
+def test_world_empty_response_is_just_eos_and_scorable():
+    """A generation that stops at once must not crash the judges: its completion is the EOS alone."""
+    template = WorldTemplate()
+    assert template.render_completion("") == template.render_completion("   ") == f" {EOS}"
+    with pytest.raises(ValueError, match="empty turn text"):
+        template.render_prompt("  ")

@@ -29,8 +29,13 @@ def load_model(path_or_folder: str | Path, device: str | torch.device | None = N
     """``(model in eval mode, prepared tokenizer, template)`` from anything :func:`resolve_model` accepts.
 
     The template family comes from the folder's ``midpo_base.json`` when there is one, else from the
-    tokenizer (:func:`template_for`).
+    tokenizer (:func:`template_for`). A packaged MoE folder (:mod:`midpo.moe.package`) loads as the MoE.
     """
+    from midpo.moe.package import is_moe_folder, load_moe, read_moe_config
+
+    if is_moe_folder(path_or_folder):  # the packaged MidPO model: base + both experts + gates
+        model, tokenizer = load_moe(path_or_folder, device, dtype)
+        return model, tokenizer, template_for(tokenizer, read_moe_config(path_or_folder)["template"])
     folder = resolve_model(path_or_folder)  # a local folder with config.json, or a clear error
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
     meta_path = folder / BASE_META

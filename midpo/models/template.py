@@ -145,8 +145,9 @@ class WorldTemplate(PromptTemplate):
 
     def render_completion(self, response: str) -> str:
         # The leading space keeps the text readable and round-trippable; word-level tokens never merge
-        # across it, so the prompt's ids are a prefix of the prompt + completion ids.
-        return f" {self._check(response)} {EOS}"
+        # across it, so the prompt's ids are a prefix of the prompt + completion ids. An empty response
+        # (a model that emitted EOS at once) is just the EOS: it must still be scorable.
+        return f" {self._check(response)} {EOS}" if response.strip() else f" {EOS}"
 
     @staticmethod
     def _check(text: str) -> str:

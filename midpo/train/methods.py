@@ -189,14 +189,18 @@ def train_methods(
     outputs: dict[str, ArtifactRef] = {"refs": refs, "scores": scores}
     metrics: dict[str, float] = {}
     hits = [refs_hit, scores_hit]
-    trained = _trained(names)
-    with ProcessPoolExecutor(max_workers=max(1, min(cfg.parallel, len(trained))), mp_context=get_context("spawn")) as pool:
-        futures = {name: pool.submit(train_method, name, base, dataset, refs, scores, cfg) for name in trained}
-        for name, future in futures.items():
-            ref, m, hit = future.result()
-            outputs[name] = ref
-            metrics.update({f"{name}.{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
-            hits.append(hit)
+    done = {n: method_key(n, refs, scores, cfg) for n in _trained(names)}
+    todo = [n for n, key in done.items() if not store.is_complete(key)]
+    results = {n: (ref_of(store, key), store.manifest(key)["metadata"].get("metrics", {}), True) for n, key in done.items() if n not in todo}
+    if todo:  # children only for real work: a spawned child pays seconds of imports
+        with ProcessPoolExecutor(max_workers=min(cfg.parallel, len(todo)), mp_context=get_context("spawn")) as pool:
+            futures = {name: pool.submit(train_method, name, base, dataset, refs, scores, cfg) for name in todo}
+            results.update({name: future.result() for name, future in futures.items()})
+    for name in done:
+        ref, m, hit = results[name]
+        outputs[name] = ref
+        metrics.update({f"{name}.{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
+        hits.append(hit)
     for name in (n for n in names if n in MERGED):
         outputs[name], hit = merge_method(name, base, outputs)
         hits.append(hit)
