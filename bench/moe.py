@@ -65,13 +65,13 @@ log = logging.getLogger(__name__)
 
 TARGET_THROUGHPUT = 0.8  # moe / merged generated tokens per second, at least (default gate)
 TARGET_MEMORY = 1.15  # moe / merged peak memory, at most (default gate)
-SHAPES = {"tiny": (32, 48, 15), "smollm2": (8, 64, 5)}  # profile -> (batch, new tokens, timed rounds)
+SHAPES = {"tiny": (32, 48, 20), "smollm2": (8, 64, 5)}  # profile -> (batch, new tokens, timed rounds)
 DEFAULT_SHAPE = (8, 16, 5)  # other profiles (tiny-ci)
 MAX_PROMPT_TOKENS = 64  # prompts keep their end (the tokenizer truncates on the left)
 RANDOM_SEEDS = {"safety": 1, "helpfulness": 2}  # the random experts (profiles without a pipeline run here)
 
 MERGED, MOE, OFFICIAL = "merged", "moe", "moe-official"
-PROTOTYPES = ("proto-fused-gates", "proto-fused", "proto-fused-down")
+PROTOTYPES = ("proto-fused-gates", "proto-fused", "proto-fused-down", "proto-official-collapsed")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,10 +91,12 @@ def pipeline_inputs(cfg: Any) -> MoEInputs:
     """The base and both trained experts from the pipeline (run, or cached under MIDPO_HOME, up to the
     experts stage); prompts from the safety subset's eval split, then its train split."""
     from midpo.data.prepare import load_subset
-    from midpo.pipeline import run_pipeline
+    from midpo.pipeline import run_pipeline, stages_for
     from midpo.storage import ArtifactStore
 
-    outputs = run_pipeline(cfg, until="experts").outputs
+    planned = run_pipeline(cfg, until="experts", dry_run=True)  # all cached: no stage (and no child process) runs
+    complete = len(planned.cache_hits) == len(stages_for(cfg, "experts"))
+    outputs = planned.outputs if complete else run_pipeline(cfg, until="experts").outputs
     store = ArtifactStore()
     folder = {name: store.fetch(store.key_of(outputs[name].uri)) for name in ("base", "safety-expert", "helpfulness-expert")}
     prompts = []
@@ -203,7 +205,24 @@ class FusedDownMoEDownProj(FusedMoEDownProj):
         return F.linear(torch.cat([u, self.low_rank(u)], dim=-1), self.w_cat, self.b_cat)
 
 
-PROTOTYPE_CLASSES: dict[str, type[nn.Module]] = dict(zip(PROTOTYPES, (FusedGatesDownProj, FusedMoEDownProj, FusedDownMoEDownProj)))
+def collapse_layer_gates(moe: nn.Module) -> nn.Module:
+    """The library's layer with each gate's maps collapsed into the one ``Linear(d_ff, 1)`` they compose to
+    (:func:`midpo.moe.core.collapse_gate`): the official gate at the linear gate's cost, the same function."""
+    from midpo.moe.core import collapse_gate
+
+    for gate in (moe.alpha, moe.beta):
+        gate.net = nn.Sequential(collapse_gate(gate))
+    return moe
+
+
+# name -> (the side it transforms, the layer transform, what it is)
+PROTOTYPE_SPECS: dict[str, tuple[str, Callable[[nn.Module], nn.Module], str]] = {
+    "proto-fused-gates": (MOE, FusedGatesDownProj, "both gates as one Linear(d_ff, 2)"),
+    "proto-fused": (MOE, FusedMoEDownProj, "A_s, A_h and both gates as one Linear(d_ff, 2r + 2), B_s and B_h as one matmul"),
+    "proto-fused-down": (MOE, FusedDownMoEDownProj, "proto-fused with down_proj and [B_s B_h] as one matmul on [u; low-rank]"),
+    "proto-official-collapsed": (OFFICIAL, collapse_layer_gates, "the official gates collapsed to Linear(d_ff, 1) (collapse_gate)"),
+}
+PROTOTYPE_CLASSES = {name: make for name, (source, make, _) in PROTOTYPE_SPECS.items() if source == MOE}
 
 
 def swap_layers(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> int:
@@ -267,6 +286,7 @@ class Side:
     name: str
     description: str
     model: Any
+    source: str | None = None  # a prototype: the side whose function it computes
 
 
 def encode(tokenizer: Any, template: Any, prompts: Sequence[tuple[str, list[dict[str, str]]]], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -295,16 +315,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generate(side: Side, enc: Mapping[str, torch.Tensor], new_tokens: int, ids: Mapping[str, int], device: torch.device) -> float:
+def timed_generate(side: Side, enc: Mapping[str, torch.Tensor], new_tokens: int, ids: Mapping[str, int], device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of one generation; checks it generated ``new_tokens`` per prompt."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = generate(side.model, enc, new_tokens, ids["eos"], ids["pad"])
     _sync(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     generated = out.shape[1] - enc["input_ids"].shape[1]
     if generated != new_tokens:
         raise RuntimeError(f"{side.name} generated {generated} tokens, not {new_tokens}")
-    return seconds
+    return seconds, cpu
 
 
 def peak_memory(side: Side, enc: Mapping[str, torch.Tensor], new_tokens: int, ids: Mapping[str, int], device: torch.device) -> dict[str, Any]:
@@ -331,20 +352,20 @@ def build_sides(inputs: MoEInputs, device: torch.device, prototypes: bool) -> tu
 
     merged, tokenizer, template = load_with_adapter(inputs.base, inputs.safety)
     sides = [Side(MERGED, "base + safety adapter merged (merge_and_unload)", merged)]
+    kinds = {MOE: "linear", OFFICIAL: "official"}
     torch.manual_seed(0)  # the gates' initialisation
-    for name, kind in ((MOE, "linear"), (OFFICIAL, "official")):
+    for name, kind in kinds.items():
         model, _, _ = load_model(inputs.base)
         layers = attach_experts(model, inputs.safety, inputs.helpfulness, GateConfig(kind=kind))
         sides.append(Side(name, f"MoE, {kind} gate, {len(layers)} layers", model))
     if prototypes:
-        reference = sides[1].model
-        for name, cls in PROTOTYPE_CLASSES.items():
+        by_name = {s.name: s for s in sides}
+        for name, (source, make, what) in PROTOTYPE_SPECS.items():
             model, _, _ = load_model(inputs.base)
-            torch.manual_seed(0)
-            attach_experts(model, inputs.safety, inputs.helpfulness, GateConfig(kind="linear"))
-            model.load_state_dict(reference.state_dict())  # the same gates as the linear MoE
-            swap_layers(model, cls)
-            sides.append(Side(name, f"prototype {cls.__name__} (linear gate)", model))
+            attach_experts(model, inputs.safety, inputs.helpfulness, GateConfig(kind=kinds[source]))
+            model.load_state_dict(by_name[source].model.state_dict())  # the same gates as its source side
+            swap_layers(model, make)
+            sides.append(Side(name, f"prototype of {source}: {what}", model, source))
     for side in sides:
         side.model.to(device).eval()
     return sides, tokenizer, template
@@ -359,13 +380,22 @@ def max_logit_difference(a: Any, b: Any, enc: Mapping[str, torch.Tensor]) -> flo
 # Per-layer decode cost (one MLP down_proj at the decode shape, batch x 1 token)
 
 
-def layer_microbench(moe_model: Any, batch: int, device: torch.device, calls: int = 300, repeats: int = 7) -> dict[str, float]:
-    """Microseconds per call of one layer's pieces at the decode shape (median of ``repeats`` interleaved
-    loops of ``calls``): the merged side's ``down_proj`` against the MoE layer and its parts, and the prototypes."""
+def layer_microbench(moe_model: Any, official_model: Any, batch: int, device: torch.device, calls: int = 300, repeats: int = 7) -> dict[str, float]:
+    """Microseconds per call of layer 0's ``down_proj`` replacement at the decode shape (median of ``repeats``
+    interleaved loops of ``calls``): the merged side's plain ``down_proj`` against the MoE layer, its parts,
+    the prototypes, and the bound of skipping one expert's branch (both gates, one LoRA)."""
+    import copy
+
     from midpo.moe.core import moe_layers
 
-    layer = moe_layers(moe_model)[0]
+    layer, official = moe_layers(moe_model)[0], moe_layers(official_model)[0]
     u = torch.randn(batch, 1, layer.down_proj.in_features, device=device, dtype=layer.down_proj.weight.dtype)
+    fused_gates = FusedGatesDownProj(layer)
+
+    def one_branch() -> torch.Tensor:  # what a layer costs when the helpfulness branch is skipped (gate ~ 0)
+        g = torch.sigmoid(F.linear(u, fused_gates.gate_w, fused_gates.gate_b))
+        return layer.down_proj(u) + g[..., 0:1] * layer.safety(u)
+
     pieces: dict[str, Callable[[], Any]] = {
         "down_proj (merged layer)": lambda: layer.down_proj(u),
         "moe layer (linear gate)": lambda: layer(u),
@@ -374,8 +404,12 @@ def layer_microbench(moe_model: Any, batch: int, device: torch.device, calls: in
         "  lora safety": lambda: layer.safety(u),
         "  lora helpfulness": lambda: layer.helpfulness(u),
     }
-    for name, cls in PROTOTYPE_CLASSES.items():
-        pieces[name] = (lambda m: lambda: m(u))(cls(layer))
+    for name, make in PROTOTYPE_CLASSES.items():
+        pieces[name] = (lambda m: lambda: m(u))(make(layer))
+    pieces["skip one branch (bound)"] = one_branch
+    pieces["moe layer (official gate)"] = lambda: official(u)
+    collapsed = collapse_layer_gates(copy.deepcopy(official))
+    pieces["proto-official-collapsed"] = lambda: collapsed(u)
     samples: dict[str, list[float]] = {k: [] for k in pieces}
     with torch.no_grad():
         for fn in pieces.values():
@@ -434,27 +468,31 @@ def run(
     ids = {"eos": tokenizer.convert_tokens_to_ids(template.eos_token), "pad": tokenizer.pad_token_id}
     load_before = _load()
 
-    # Correctness of the prototypes: the same function as the library's layer.
-    equivalence = {s.name: max_logit_difference(by_name[MOE].model, s.model, enc) for s in sides if s.name in PROTOTYPES}
+    # Correctness of the prototypes: the same function as the library's layer they replace.
+    equivalence = {s.name: max_logit_difference(by_name[s.source].model, s.model, enc) for s in sides if s.source}
 
     for side in sides:  # warm-up: allocator, kernels, generation's first-call costs
         timed_generate(side, enc, new_tokens, ids, dev)
     seconds: dict[str, list[float]] = {s.name: [] for s in sides}
+    cpu: dict[str, list[float]] = {s.name: [] for s in sides}
     gc.disable()  # no collection inside a timed generation (collected between rounds)
     try:
         for r in range(rounds):
             gc.collect()
             for side in sides if r % 2 == 0 else reversed(sides):
-                seconds[side.name].append(timed_generate(side, enc, new_tokens, ids, dev))
+                wall_s, cpu_s = timed_generate(side, enc, new_tokens, ids, dev)
+                seconds[side.name].append(wall_s)
+                cpu[side.name].append(cpu_s)
     finally:
         gc.enable()
     tokens = batch * new_tokens
     memory = {s.name: peak_memory(s, enc, new_tokens, ids, dev) for s in sides}
-    micro = layer_microbench(by_name[MOE].model, batch, dev)
+    micro = layer_microbench(by_name[MOE].model, by_name[OFFICIAL].model, batch, dev)
     load_after = _load()
 
-    def ratio(name: str, baseline: str = MERGED) -> float:  # median over rounds of the ratio within a round
-        return statistics.median(seconds[baseline][i] / seconds[name][i] for i in range(rounds))
+    def ratio(name: str, baseline: str = MERGED, clock: dict[str, list[float]] = seconds) -> float:
+        """Median over rounds of the within-round ratio baseline seconds / side seconds (its speed relative)."""
+        return statistics.median(clock[baseline][i] / clock[name][i] for i in range(rounds))
 
     sides_out = {}
     for s in sides:
@@ -465,12 +503,14 @@ def run(
             "tokens_per_second": tokens / statistics.median(seconds[s.name]),
             "throughput_vs_merged": ratio(s.name),
             "throughput_vs_moe": ratio(s.name, MOE),
+            "cpu_seconds": cpu[s.name],
+            "cpu_throughput_vs_merged": ratio(s.name, clock=cpu),
             "memory": memory[s.name],
             "memory_vs_merged": memory[s.name]["total_bytes"] / memory[MERGED]["total_bytes"],
             "parameters": sum(p.numel() for p in s.model.parameters()) + sum(b.numel() for b in s.model.buffers()),
         }
-        if s.name in equivalence:
-            sides_out[s.name]["max_logit_difference_vs_moe"] = equivalence[s.name]
+        if s.source:
+            sides_out[s.name].update(source=s.source, max_logit_difference_vs_source=equivalence[s.name])
     moe = sides_out[MOE]
     config = by_name[MERGED].model.config
     result = {
@@ -496,7 +536,12 @@ def run(
             "device": str(dev),
         },
         "sides": sides_out,
-        "throughput": {"ratio": moe["throughput_vs_merged"], "target": TARGET_THROUGHPUT, "met": moe["throughput_vs_merged"] >= TARGET_THROUGHPUT},
+        "throughput": {
+            "ratio": moe["throughput_vs_merged"],
+            "cpu_time_ratio": moe["cpu_throughput_vs_merged"],
+            "target": TARGET_THROUGHPUT,
+            "met": moe["throughput_vs_merged"] >= TARGET_THROUGHPUT,
+        },
         "memory": {"ratio": moe["memory_vs_merged"], "target": TARGET_MEMORY, "met": moe["memory_vs_merged"] <= TARGET_MEMORY, "method": moe["memory"]["method"]},
         "official": {"throughput_ratio": sides_out[OFFICIAL]["throughput_vs_merged"], "memory_ratio": sides_out[OFFICIAL]["memory_vs_merged"]},
         "layer_microseconds": micro,
@@ -534,13 +579,14 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"{g['rounds']} alternating rounds after a warm-up, on {g['device']}; tok/s = median, ratios = median of within-round ratios",
         f"memory: weights + peak of one generation ({result['memory']['method']})",
         "",
-        f"  {'side':20s} {'tok/s':>9s} {'vs merged':>9s} {'vs moe':>7s} {'weights MiB':>11s} {'gen peak MiB':>12s} {'total MiB':>9s} {'vs merged':>9s} {'ops':>8s}",
+        f"  {'':24s} {'throughput (wall; CPU-time ratio)':>36s}   {'peak memory':>46s}",
+        f"  {'side':24s} {'tok/s':>8s} {'vs merged':>9s} {'vs moe':>7s} {'cpu':>7s}   {'weights MiB':>11s} {'gen peak MiB':>12s} {'total MiB':>9s} {'vs merged':>9s} {'ops':>8s}",
     ]
     for name, s in result["sides"].items():
         mem = s["memory"]
         ops = "-" if mem["ops"] is None else str(mem["ops"])
         lines.append(
-            f"  {name:20s} {s['tokens_per_second']:9.1f} {s['throughput_vs_merged']:9.3f} {s['throughput_vs_moe']:7.3f} {_mib(mem['weights_bytes']):>11s} "
+            f"  {name:24s} {s['tokens_per_second']:8.1f} {s['throughput_vs_merged']:9.3f} {s['throughput_vs_moe']:7.3f} {s['cpu_throughput_vs_merged']:7.3f}   {_mib(mem['weights_bytes']):>11s} "
             f"{_mib(mem['generation_peak_bytes']):>12s} {_mib(mem['total_bytes']):>9s} {s['memory_vs_merged']:9.3f} {ops:>8s}"
         )
     t, mm, o = result["throughput"], result["memory"], result["official"]
@@ -550,9 +596,10 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"memory {mm['ratio']:.3f}x (target <= {mm['target']}x: {yes[mm['met']]})",
         f"  moe (official gate) / merged: throughput {o['throughput_ratio']:.3f}x, memory {o['memory_ratio']:.3f}x (for comparison, no target)",
     ]
-    protos = [(n, s) for n, s in result["sides"].items() if "max_logit_difference_vs_moe" in s]
+    protos = [(n, s) for n, s in result["sides"].items() if "source" in s]
     if protos:
-        lines.append("  prototypes (bench/moe.py only), max |logit difference| vs the library's MoE: " + ", ".join(f"{n} {s['max_logit_difference_vs_moe']:.1e}" for n, s in protos))
+        lines.append("  prototypes (in bench/moe.py only; max |logit difference| vs the side they re-implement):")
+        lines += [f"    {n:24s} {s['max_logit_difference_vs_source']:.1e} vs {s['source']}: {s['description'].split(': ', 1)[1]}" for n, s in protos]
     lines += ["", f"One layer at the decode shape ({g['batch']} x 1 x d_ff), microseconds per call:"]
     lines += [f"  {name:28s} {us:9.1f}" for name, us in result["layer_microseconds"].items()]
     lines += ["", result_line(result)]
@@ -566,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--batch", type=int, help="prompts per generation (default: tiny 32, smollm2 8, others 8)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default: tiny 48, smollm2 64, others 16)")
-    p.add_argument("--rounds", type=int, help="timed alternating rounds (default: tiny 15, others 5)")
+    p.add_argument("--rounds", type=int, help="timed alternating rounds (default: tiny 20, others 5)")
     p.add_argument("--experts", choices=["pipeline", "random"], help="trained experts from the pipeline, or random LoRAs (default by profile)")
     p.add_argument("--no-prototypes", dest="prototypes", action="store_false", help="skip the fused-layer prototypes")
     p.add_argument("--device", help="cpu or cuda (default cuda when available)")

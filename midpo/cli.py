@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="also write every figure to this JSON file")
     moe.add_argument("--batch", type=int, help="prompts per generation (default: tiny 32, smollm2 8, others 8)")
     moe.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default: tiny 48, smollm2 64, others 16)")
-    moe.add_argument("--rounds", type=int, help="timed alternating rounds (default: tiny 15, others 5)")
+    moe.add_argument("--rounds", type=int, help="timed alternating rounds (default: tiny 20, others 5)")
     moe.add_argument("--experts", choices=["pipeline", "random"], help="trained experts from the pipeline, or random LoRAs (default by profile)")
     moe.add_argument("--no-prototypes", dest="prototypes", action="store_false", help="skip the fused-layer prototypes")
     moe.add_argument("--device", help="cpu or cuda (default cuda when available)")

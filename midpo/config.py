@@ -126,6 +126,7 @@ class TrainingConfig:
     # resumes; off, they stay under $MIDPO_HOME/checkpoints. Where checkpoints go never changes a result.
     sync_checkpoints: bool = False
     parallel: int = 2  # methods trained at once, each in its own child process (the two experts overlap)
+    logging_steps: int = 10  # a point of the training curves every N optimizer steps
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Methods trained beyond the two experts (midpo-method.md baselines; `midpo compare` asks for all).
     baselines: list[str] = field(default_factory=list)
@@ -138,7 +139,7 @@ class TrainingConfig:
         changes = {k: v for k in ("learning_rate", "beta", "epochs") if (v := getattr(o, k)) is not None}
         return dataclasses.replace(self, **changes, baselines=[], methods={})
 
-    RUNTIME_FIELDS = ("sync_checkpoints", "parallel")  # where and how a run trains, never what it learns
+    RUNTIME_FIELDS = ("sync_checkpoints", "parallel", "logging_steps")  # where and how a run trains, never what it learns
 
     def recipe(self) -> dict[str, Any]:
         """The fields that decide what training learns (versions and run claims hash these)."""

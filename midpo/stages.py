@@ -202,7 +202,7 @@ def router_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: boo
     version = content_hash({**versions, "training": cfg.training.recipe(), "gate": dataclasses.asdict(cfg.gate), "reg_weight": cfg.reg_weight})[:16]
     key = f"routers/{version}"
     ref = ArtifactRef(store.uri(key), version)
-    curves = {"router": f"{ref.uri}/{LOG_HISTORY}"}
+    curves = {"router-training": f"{ref.uri}/{LOG_HISTORY}"}  # not "router": that is the stage run
     if store.is_complete(key):
         return StageOutput({"router": ref}, store.manifest(key)["metadata"]["metrics"], True, curves)
     if dry_run:

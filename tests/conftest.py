@@ -59,5 +59,5 @@ def prefect_harness() -> Iterator[None]:
     """One real, temporary Prefect API (SQLite) for the whole session (Prefect's testing guide)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # a loaded 2-core machine needs more than 30 s
         yield

@@ -96,3 +96,71 @@ def test_sample_and_projection():
     assert experts.epochs_to_reach(1.0, 6.0, ours, stock, 1.0) == pytest.approx(2.0)
     assert experts.epochs_to_reach(0.75, 6.0, ours, stock, 1.0) == pytest.approx(12.5)
     assert experts.epochs_to_reach(0.5, 6.0, ours, stock, 1.0) is None  # 7 s/epoch never reaches 5
+
+
+# --------------------------------------------------------------------------------------------------
+# midpo bench moe
+
+try:
+    from midpo_bench import moe
+except ModuleNotFoundError:
+    from bench import moe
+
+MOE_RESULT = re.compile(r"^RESULT moe_vs_merged_throughput=([0-9.]+) moe_vs_merged_memory=([0-9.]+)$")
+MOE_SIDES = {"merged", "moe", "moe-official", *moe.PROTOTYPES}
+
+
+def test_bench_moe_on_tiny_ci(tmp_path, capsys):
+    out = tmp_path / "bench" / "moe.json"
+    argv = ["--profile", "tiny-ci", "--batch", "3", "--new-tokens", "5", "--rounds", "2", "--json", str(out)]
+    assert moe.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = MOE_RESULT.match(lines[-1])
+    assert match, lines[-1]
+
+    result = json.loads(out.read_text())
+    assert lines[-1] == moe.result_line(result)
+    assert float(match[1]) == pytest.approx(result["throughput"]["ratio"], abs=1e-3)
+    assert float(match[2]) == pytest.approx(result["memory"]["ratio"], abs=1e-3)
+    assert result["profile"] == "tiny-ci" and result["experts_source"] == "pipeline"
+    g = result["generation"]
+    assert (g["batch"], g["new_tokens"], g["rounds"], g["tokens_per_generation"]) == (3, 5, 2, 15)
+    assert g["greedy"] and g["kv_cache"] and g["device"] == "cpu" and g["prompt_tokens"] > 0
+    assert result["model"]["layers"] == 2 and result["model"]["intermediate_size"] == 64  # tiny-ci's base
+
+    sides = result["sides"]
+    assert set(sides) == MOE_SIDES
+    for name, s in sides.items():
+        assert len(s["seconds"]) == len(s["cpu_seconds"]) == 2 and all(x > 0 for x in s["seconds"])
+        assert s["tokens_per_second"] == pytest.approx(15 / s["median_seconds"])
+        mem = s["memory"]
+        assert mem["total_bytes"] == mem["weights_bytes"] + mem["generation_peak_bytes"] and mem["generation_peak_bytes"] > 0
+        assert mem["ops"] > 0 and s["memory_vs_merged"] == pytest.approx(mem["total_bytes"] / sides["merged"]["memory"]["total_bytes"])
+        if name in moe.PROTOTYPES:  # the prototypes compute the same function as the side they re-implement
+            assert s["source"] in ("moe", "moe-official") and s["max_logit_difference_vs_source"] < 1e-4
+    merged, ours = sides["merged"], sides["moe"]
+    assert merged["throughput_vs_merged"] == 1.0 and merged["memory_vs_merged"] == 1.0
+    # The MoE holds the merged side's weights plus two LoRAs and two gates per layer (d_ff = 64, r = 16, 2 layers).
+    extra = 2 * (2 * (16 * 64 + 32 * 16) + 2 * (64 + 1)) * 4
+    assert ours["memory"]["weights_bytes"] - merged["memory"]["weights_bytes"] == extra
+    assert ours["parameters"] > merged["parameters"] and sides["moe-official"]["parameters"] > ours["parameters"]
+    assert result["throughput"]["ratio"] == ours["throughput_vs_merged"] and result["memory"]["ratio"] == ours["memory_vs_merged"]
+    assert result["throughput"]["target"] == 0.8 and result["memory"]["target"] == 1.15
+    assert isinstance(result["throughput"]["met"], bool) and isinstance(result["memory"]["met"], bool)
+    assert result["official"]["throughput_ratio"] == sides["moe-official"]["throughput_vs_merged"]
+    assert {"down_proj (merged layer)", "moe layer (linear gate)", "proto-fused"} <= set(result["layer_microseconds"])
+    m = result["machine"]
+    assert m["torch_threads"] == 1 and m["device"] == "cpu"
+
+
+def test_live_tensor_bytes_counts_new_storages_until_freed():
+    import torch
+
+    with moe.LiveTensorBytes() as counter:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a + 1  # 8000 alive
+        del a
+        c = b * 2  # a was freed first: still 8000
+        view = c[:10]  # no new storage
+    assert counter.peak == 8000 and counter.current == 8000 and counter.ops == 4
+    assert view.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()

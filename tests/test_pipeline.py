@@ -20,7 +20,7 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert_metrics_structure(metrics)
     run = metrics["run"]
     assert run["profile"] == "tiny-ci" and len(run["dataset_version"]) == 16
-    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "judges", "experts", "eval"]
+    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval"]
     assert run["cache_hits"] == []
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
@@ -28,12 +28,20 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     data_run = runs[runs["tags.mlflow.runName"] == "data"].iloc[0]
     assert data_run["tags.mlflow.parentRunId"] == runs[runs["tags.mlflow.runName"] == "pipeline"].iloc[0]["run_id"]
     assert data_run["metrics.safety_train_pairs"] > 0 and data_run["params.data.dual_rule"] == "label+safety"
+    # training curves: one nested run per trained model, under its stage's run
+    client = mlflow.MlflowClient()
+    for name, stage, keys in (("safety-expert", "experts", ("loss", "rewards/margins", "rewards/accuracies")), ("router-training", "router", ("loss", "gates/alpha_0", "gates/beta_0"))):
+        curve = runs[runs["tags.mlflow.runName"] == name].iloc[0]
+        assert curve["tags.mlflow.parentRunId"] == runs[runs["tags.mlflow.runName"] == stage].iloc[0]["run_id"]
+        for key in keys:
+            history = client.get_metric_history(curve["run_id"], key)
+            assert len(history) >= 2 and history[0].step < history[-1].step, (name, key)
 
     assert main(["run", "--profile", "tiny-ci", "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert all(f"{name:10s} cache hit" in plan for name in ("world", "data", "base", "judges", "experts", "eval")), plan
+    assert all(f"{name:10s} cache hit" in plan for name in ("world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval")), plan
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
-    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "judges", "experts", "eval"]
+    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval"]
     assert (report / "report.md").is_file() and (report / "oracle.png").is_file()
 
 
@@ -47,7 +55,7 @@ ORACLE = {
 def assert_metrics_structure(m):
     """metrics.json per interfaces.md: m[method][eval_set][metric], reserved top-level keys, CIs and n."""
     methods = [k for k in m if k not in ("judges", "run", "costs")]
-    assert methods == ["base", "safety-expert", "helpfulness-expert"]
+    assert methods == ["base", "safety-expert", "helpfulness-expert", "midpo"]
     assert set(m["run"]) == {"profile", "dataset_version", "wall_seconds", "stage_seconds", "cache_hits"}
     assert set(m["judges"]) == {
         f"{name}{suffix}" for name in ("reward_pairwise_accuracy", "cost_pairwise_accuracy", "cost_sign_accuracy") for suffix in ("", "_noisy")
@@ -75,5 +83,6 @@ def test_flow_runs_the_same_stages():
     from midpo_flows.pipeline import midpo
 
     outputs = midpo(profile="tiny-ci")
-    methods = {"base", "safety-expert", "helpfulness-expert"}
-    assert set(outputs) == {"world", "dataset", "reward", "cost", "refusal", "refs", "scores"} | methods | {f"eval/{m}" for m in methods} and outputs["dataset"].startswith("file://")
+    methods = {"base", "safety-expert", "helpfulness-expert", "midpo"}
+    shared = {"world", "dataset", "reward", "cost", "refusal", "refs", "scores", "dual", "router"}
+    assert set(outputs) == shared | methods | {f"eval/{m}" for m in methods} and outputs["dataset"].startswith("file://")

@@ -80,7 +80,7 @@ def dpo_config(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) ->
         max_steps=cfg.max_steps,
         save_total_limit=2,  # the newest complete checkpoint survives a crash during the next save
         save_only_model=False,  # optimizer, scheduler and RNG states are what makes resume exact
-        logging_steps=10,
+        logging_steps=cfg.logging_steps,
         precompute_ref_log_probs=True,  # reference log-probs are columns (refs.py); never a second model
         disable_dropout=True,
         remove_unused_columns=True,  # MidpoDPOTrainer keeps its loss's columns in the signature
