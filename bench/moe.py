@@ -464,6 +464,7 @@ def run(
         inputs = pipeline_inputs(cfg) if experts == "pipeline" else random_inputs(cfg, Path(tmp))
         sides, tokenizer, template = build_sides(inputs, dev, prototypes)
     by_name = {s.name: s for s in sides}
+    log.info("bench moe: %d sides built (%s experts); batch %d x %d new tokens, %d rounds", len(sides), inputs.experts_source, batch, new_tokens, rounds)
     enc = encode(tokenizer, template, inputs.prompts, batch, dev)
     ids = {"eos": tokenizer.convert_tokens_to_ids(template.eos_token), "pad": tokenizer.pad_token_id}
     load_before = _load()
@@ -478,6 +479,7 @@ def run(
     gc.disable()  # no collection inside a timed generation (collected between rounds)
     try:
         for r in range(rounds):
+            log.info("bench moe: round %d/%d", r + 1, rounds)
             gc.collect()
             for side in sides if r % 2 == 0 else reversed(sides):
                 wall_s, cpu_s = timed_generate(side, enc, new_tokens, ids, dev)
@@ -486,6 +488,7 @@ def run(
     finally:
         gc.enable()
     tokens = batch * new_tokens
+    log.info("bench moe: peak memory of one generation per side")
     memory = {s.name: peak_memory(s, enc, new_tokens, ids, dev) for s in sides}
     micro = layer_microbench(by_name[MOE].model, by_name[OFFICIAL].model, batch, dev)
     load_after = _load()

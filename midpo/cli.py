@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the resolved stage plan and which stages are cache hits")
     run.set_defaults(func=cmd_run)
 
+    compare = sub.add_parser("compare", help="every method on the same data and base over N seeds (docs/compare.md)")
+    _profile_args(compare)
+    compare.add_argument("--methods", help="comma-separated method names (default: all of base, safety-expert, helpfulness-expert, midpo, merge-half, dpo-helpful, dpo-harmless, dpo-mix, safedpo, bfpo, modpo)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3): the value is the mean, x_std the spread")
+    compare.add_argument("--report-dir", type=Path, help="where metrics.json, report.md and pareto.png go (default under $MIDPO_HOME/reports)")
+    compare.set_defaults(func=cmd_compare)
+
     data = sub.add_parser("data", help="validate or prepare preference data").add_subparsers(dest="data_command", required=True)
     validate = data.add_parser("validate", help="check a file without training")
     validate.add_argument("path", help="a path, file://, s3:// URI or builtin:NAME")
@@ -99,6 +106,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"not implemented yet: {', '.join(PLANNED)}")
     if summary.report_dir is not None:
         print(f"report: {summary.report_dir}  (metrics.json)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from midpo.compare import run_compare
+    from midpo.config import load_config
+    from midpo.pipeline import default_report_dir
+
+    cfg = load_config(args.profile, args.overrides)
+    methods = args.methods.split(",") if args.methods is not None else None
+    report_dir = args.report_dir or default_report_dir(f"compare-{cfg.profile}")
+    metrics = run_compare(cfg, methods, args.seeds, report_dir)
+    costs = metrics["costs"]
+    for method in metrics["run"]["methods"]:
+        c = costs.get(method, {})
+        print(f"{method:20s} train {c.get('train_seconds', 0.0):8.1f}s  params {c.get('trainable_params', 0.0):>10,.0f}  pairs seen {c.get('pairs_seen', 0.0):>8,.0f}")
+    print(f"shared stages: {costs['shared']['total_seconds']:.1f}s ({', '.join(costs['shared']['seconds'])}), counted once")
+    print(f"report: {report_dir}  (metrics.json, report.md, pareto.png)")
     return 0
 
 

@@ -8,6 +8,7 @@ and the file it came from. Each stage function receives only its own section.
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib.resources
 import types
 import typing
@@ -283,6 +284,7 @@ def load_config(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    raw = json.loads(json.dumps(raw))  # YAML anchors alias one object: an override must change one place only
     raw.setdefault("profile", path.stem)
     for item in overrides:
         _apply_override(raw, item)

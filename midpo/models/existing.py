@@ -30,7 +30,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from midpo.data.schema import content_hash
-from midpo.models.provision import CONVERT_VERSION, PACKAGE_ALIASES, SOURCE_META, package_model_path, resolve_model
+from midpo.models.provision import (
+    CONVERT_VERSION,
+    PACKAGE_ALIASES,
+    SOURCE_META,
+    package_model_path,
+    resolve_model,
+)
 from midpo.models.tiny import BASE_META
 from midpo.storage import MANIFEST, ArtifactRef, ArtifactStore, _sha256, local_copy
 
@@ -119,7 +125,7 @@ def _param_count(files: list[Path]) -> float | None:
     total = 0
     for path in shards:
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 n = 1
                 for d in f.get_slice(name).get_shape():
                     n *= d
