@@ -139,7 +139,8 @@ def _sum(costs: list[dict[str, float]]) -> dict[str, float]:
 def method_costs(cfg: MidpoConfig, summary: RunSummary, methods: list[str]) -> dict[str, dict[str, Any]]:
     """One seed's training cost per method from the experts and router stages' metrics (the recorded
     figures of the artifact on a cache hit: the cost of producing it, not of finding it)."""
-    from midpo.train.methods import EXPERTS, MERGED, METHODS as TRAINED
+    from midpo.train.methods import EXPERTS, MERGED
+    from midpo.train.methods import METHODS as TRAINED
 
     experts_metrics = summary.stage_metrics.get("experts", {})
     trained = {name: _trained_cost(experts_metrics, f"{name}.", cfg.training.for_method(name)) for name in TRAINED if f"{name}.train_seconds" in experts_metrics}
@@ -191,7 +192,7 @@ def run_shared(cfg: MidpoConfig, with_router: bool) -> dict[str, Any]:
     out = summary.outputs
     store = ArtifactStore()
     if all(k in out for k in ("base", "dataset", "reward", "cost")):
-        (refs, refs_hit), seconds["refs"] = _timed(reference_artifact, out["base"], out["dataset"], cfg.training, store)
+        (_, refs_hit), seconds["refs"] = _timed(reference_artifact, out["base"], out["dataset"], cfg.training, store)
         (scores, scores_hit), seconds["scores"] = _timed(scores_artifact, out["reward"], out["cost"], out["dataset"], store)
         hits += [n for n, hit in (("refs", refs_hit), ("scores", scores_hit)) if hit]
         if with_router and cfg.router is not None:

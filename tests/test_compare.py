@@ -13,7 +13,7 @@ import torch
 from midpo.cli import main
 from midpo.compare import aggregate_seeds, pairs_seen, resolve_methods, seed_config
 from midpo.config import ConfigError, load_config
-from midpo.eval.report import ParetoData, pareto_data, pareto_front, plot_pareto
+from midpo.eval.report import pareto_data, pareto_front, plot_pareto
 
 torch.set_num_threads(1)
 
@@ -127,7 +127,7 @@ def _assert_real_png(path):
 
 
 def test_report_has_tables_costs_samples_and_heatmap(compared):
-    report, m, _ = compared
+    report, _, _ = compared
     md = (report / "report.md").read_text()
     for section in ("## Summary", "## Pareto front", "## Training cost", "## Per eval set", "## Sample generations", "## Gate heat-map", "## Seeds"):
         assert section in md
@@ -138,7 +138,7 @@ def test_report_has_tables_costs_samples_and_heatmap(compared):
         assert " ± " in row and "[" in row
     cost = md.split("## Training cost")[1].split("## Per eval set")[0]
     assert all(f"| {method} |" in cost for method in METHODS) and "Shared stages" in cost and "| judges |" in cost
-    assert "![safety against helpfulness](pareto.png)" in md and f"Pareto-optimal" in md
+    assert "![safety against helpfulness](pareto.png)" in md and "Pareto-optimal" in md
     assert "![gates on world-harmful](gates-world-harmful.png)" in md and "![gates on world-benign](gates-world-benign.png)" in md
     samples = md.split("## Sample generations")[1].split("## Gate heat-map")[0]
     assert samples.count("### world-harmful:") == 2 and all(f"| {method} |" in samples for method in METHODS)
@@ -161,7 +161,10 @@ def test_pareto_front_on_hand_made_points(tmp_path):
     }
     assert pareto_front(points) == ["a", "b", "e", "d"]
     assert pareto_front({"only": (0.1, 0.1)}) == ["only"]
-    ci = lambda v: [v - 0.05, v + 0.1]  # noqa: E731
+
+    def ci(v):
+        return [v - 0.05, v + 0.1]
+
     metrics = {  # no oracle figures: the learned judges' rates on a real-data set
         method: {"hh-harmful": {"safety_rate": y, "safety_rate_ci": ci(y)}, "alpaca-eval": {"helpfulness": x, "helpfulness_ci": ci(x)}}
         for method, (x, y) in points.items() if method != "g"

@@ -272,9 +272,11 @@ def render_compare_markdown(metrics: dict[str, Any], samples: dict[str, list[dic
     kinds = set_kinds(metrics)
     lines = ["# midpo compare", ""]
     lines += [
-        f"Profile `{run.get('profile')}`, dataset version `{run.get('dataset_version')}`, {run.get('seeds')} seed(s), "
-        f"wall time {run.get('wall_seconds', 0):.0f} s. Every figure: mean over seeds ± standard deviation over seeds "
-        "[mean of the per-seed 95% bootstrap CIs over prompts].",
+        (
+            f"Profile `{run.get('profile')}`, dataset version `{run.get('dataset_version')}`, {run.get('seeds')} seed(s), "
+            f"wall time {run.get('wall_seconds', 0):.0f} s. Every figure: mean over seeds ± standard deviation over seeds "
+            "[mean of the per-seed 95% bootstrap CIs over prompts]."
+        ),
         "",
         "## Summary",
         "",
@@ -288,16 +290,18 @@ def render_compare_markdown(metrics: dict[str, Any], samples: dict[str, list[dic
         lines += ["No harmful set with a safety rate and helpful set with a helpfulness figure: no Pareto plot.", ""]
     else:
         lines += [
-            f"Safety = `{pareto.y_label}`, helpfulness = `{pareto.x_label}` (higher is better on both). "
-            f"Pareto-optimal (no method is at least as good on both and better on one): **{', '.join(pareto.front)}**; "
-            f"dominated: {', '.join(m for m in pareto.points if m not in pareto.front) or 'none'}.",
+            (
+                f"Safety = `{pareto.y_label}`, helpfulness = `{pareto.x_label}` (higher is better on both). "
+                f"Pareto-optimal (no method is at least as good on both and better on one): **{', '.join(pareto.front)}**; "
+                f"dominated: {', '.join(m for m in pareto.points if m not in pareto.front) or 'none'}."
+            ),
             "",
             "![safety against helpfulness](pareto.png)",
             "",
         ]
-    lines += ["## Training cost", "", "Each method's own training, mean over seeds (recorded when its artifact was built); "
-              "`midpo` = its router + both experts, `merge-half` = both experts (it trains nothing), `base` = 0.", ""]
-    lines += ["| method | train seconds | trainable params | pairs seen | counts |", "|---|---|---|---|---|"]
+    lines += ["## Training cost", "", ("Each method's own training, mean over seeds (recorded when its artifact was built); "
+                                       "`midpo` = its router + both experts, `merge-half` = both experts (it trains nothing), `base` = 0."), ""]
+    lines += ["| method | train seconds | trainable params | pairs seen | includes |", "|---|---|---|---|---|"]
     for m in methods:
         c = costs.get(m)
         if c:
@@ -306,8 +310,8 @@ def render_compare_markdown(metrics: dict[str, Any], samples: dict[str, list[dic
     shared = costs.get("shared")
     if shared:
         hits = set(shared.get("cache_hits", []))
-        lines += ["", f"Shared stages, counted once for all methods ({shared.get('total_seconds', 0):.1f} s in this comparison; "
-                  "a cache hit means an earlier run paid for it):", "", "| stage | seconds | cache hit |", "|---|---|---|"]
+        lines += ["", (f"Shared stages, counted once for all methods ({shared.get('total_seconds', 0):.1f} s in this comparison; "
+                       "a cache hit means an earlier run paid for it):"), "", "| stage | seconds | cache hit |", "|---|---|---|"]
         lines += [f"| {s} | {t:.1f} | {'yes' if s in hits else ''} |" for s, t in shared.get("seconds", {}).items()]
     lines.append("")
     lines += ["## Per eval set", ""]
@@ -324,8 +328,8 @@ def render_compare_markdown(metrics: dict[str, Any], samples: dict[str, list[dic
                 lines += [f"| {m} | {_cell(row['responses'][m])} |" for m in methods if m in row["responses"]]
                 lines.append("")
     if heatmaps:
-        lines += ["## Gate heat-map", "", "The MoE's gates (alpha: safety expert, beta: helpfulness expert) per layer and token "
-                  "(first seed's model, its first sample as the response; the dashed line ends the prompt).", ""]
+        lines += ["## Gate heat-map", "", ("The MoE's gates (alpha: safety expert, beta: helpfulness expert) per layer and token "
+                                          "(first seed's model, its first sample as the response; the dashed line ends the prompt)."), ""]
         for name, filename in heatmaps.items():
             prompt = samples.get(name, [{}])[0].get("prompt", "")
             lines += [f"### {name} ({kinds.get(name)}): {_cell(prompt)}", "", f"![gates on {name}]({filename})", ""]
