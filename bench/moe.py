@@ -440,19 +440,23 @@ def run(
     experts: str | None = None,
     prototypes: bool = True,
     device: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark on ``profile``; returns every figure (``json_path`` also writes them).
 
     ``experts``: ``"pipeline"`` (the trained experts, running the pipeline up to the experts stage) or
     ``"random"`` (two random LoRAs on the profile's base model); default pipeline for a profile that trains
     its tiny base, random for one that loads a model (smollm2). ``batch``/``new_tokens`` default to
-    :data:`SHAPES` (as does ``rounds``). ``device`` defaults to cuda when available.
+    :data:`SHAPES` (as does ``rounds``). ``device`` defaults to cuda when available. ``threads``: torch
+    threads, default the profile's ``run.torch_threads``, else 1 (on a shared CPU, more OpenMP threads than
+    free cores stall at every barrier: smollm2 took 86 s per generation with 2 threads against 20 s with 1).
     """
     from midpo.config import load_config
     from midpo.pipeline import apply_runtime
 
     cfg = load_config(profile, list(overrides))
     apply_runtime(cfg.run)  # torch threads of the profile (tiny: 1)
+    torch.set_num_threads(threads or cfg.run.torch_threads or 1)
     experts = experts or ("pipeline" if cfg.base.tiny is not None else "random")
     if experts not in ("pipeline", "random"):
         raise ValueError(f"experts must be 'pipeline' or 'random', got {experts!r}")
@@ -620,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", choices=["pipeline", "random"], help="trained experts from the pipeline, or random LoRAs (default by profile)")
     p.add_argument("--no-prototypes", dest="prototypes", action="store_false", help="skip the fused-layer prototypes")
     p.add_argument("--device", help="cpu or cuda (default cuda when available)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the profile's run.torch_threads, else 1)")
     return p
 
 
@@ -635,6 +640,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
         experts=args.experts,
         prototypes=args.prototypes,
         device=args.device,
+        threads=args.threads,
     )
 
 

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--experts", choices=["pipeline", "random"], help="trained experts from the pipeline, or random LoRAs (default by profile)")
     moe.add_argument("--no-prototypes", dest="prototypes", action="store_false", help="skip the fused-layer prototypes")
     moe.add_argument("--device", help="cpu or cuda (default cuda when available)")
+    moe.add_argument("--threads", type=int, help="torch threads (default: the profile's run.torch_threads, else 1)")
     moe.set_defaults(func=cmd_bench_moe)
 
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)

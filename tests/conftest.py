@@ -8,11 +8,22 @@ from collections.abc import Iterator
 import pytest
 
 
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("midpo-home")
+
+
 @pytest.fixture(autouse=True)
-def midpo_home(tmp_path, monkeypatch) -> Iterator:
-    """Every test gets its own MIDPO_HOME (caches, artifacts) under tmp_path; nothing is written into the repo."""
-    home = tmp_path / "midpo-home"
-    home.mkdir()
+def midpo_home(request, tmp_path, monkeypatch) -> Iterator:
+    """Every test gets its own MIDPO_HOME (caches, artifacts) under tmp_path; nothing is written into the repo.
+
+    A module marked ``shared_home`` shares one (``module_home``): its tests read what one module-scoped
+    pipeline run built."""
+    if request.node.get_closest_marker("shared_home"):
+        home = request.getfixturevalue("module_home")
+    else:
+        home = tmp_path / "midpo-home"
+        home.mkdir()
     monkeypatch.setenv("MIDPO_HOME", str(home))
     monkeypatch.delenv("MIDPO_ARTIFACT_ROOT", raising=False)
     yield home

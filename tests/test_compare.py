@@ -21,27 +21,17 @@ METHODS = ["base", "safety-expert", "helpfulness-expert", "midpo", "merge-half",
 OVERRIDES = ["training.max_steps=3", 'training.save_strategy="no"', "router.training.max_steps=3", 'router.training.save_strategy="no"']
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("midpo-home")
-
-
-@pytest.fixture(autouse=True)
-def midpo_home(home, monkeypatch):
-    """One MIDPO_HOME for the module: the comparison below is shared by its tests."""
-    monkeypatch.setenv("MIDPO_HOME", str(home))
-    monkeypatch.delenv("MIDPO_ARTIFACT_ROOT", raising=False)
-    return home
+pytestmark = pytest.mark.shared_home  # one MIDPO_HOME (module_home) for the module
 
 
 @pytest.fixture(scope="module")
-def compared(home, tmp_path_factory):
+def compared(module_home, tmp_path_factory):
     """`midpo compare` through the CLI: (report dir, metrics.json, stdout)."""
     report = tmp_path_factory.mktemp("compare") / "report"
     argv = ["compare", "--profile", "tiny-ci", *(a for o in OVERRIDES for a in ("--set", o)), "--methods", ",".join(METHODS), "--seeds", "2", "--report-dir", str(report)]
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setenv("MIDPO_HOME", str(home))
+        mp.setenv("MIDPO_HOME", str(module_home))
         mp.delenv("MIDPO_ARTIFACT_ROOT", raising=False)
         assert main(argv) == 0
     return report, json.loads((report / "metrics.json").read_text()), out.getvalue()

@@ -15,25 +15,15 @@ from midpo.train.methods import BASELINES, EXPERTS, METHODS, method_key, method_
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("midpo-home")
-
-
-@pytest.fixture(autouse=True)
-def midpo_home(home, monkeypatch):
-    """One MIDPO_HOME for the module: the trained pipeline below is shared by its tests."""
-    monkeypatch.setenv("MIDPO_HOME", str(home))
-    monkeypatch.delenv("MIDPO_ARTIFACT_ROOT", raising=False)
-    return home
+pytestmark = pytest.mark.shared_home  # one MIDPO_HOME (module_home) for the module
 
 
 @pytest.fixture(scope="module")
-def run(home):
+def run(module_home):
     """tiny-ci through the experts stage with three baselines (merge-half included), a few steps each."""
     overrides = ["training.max_steps=3", "training.save_strategy=\"no\"", "training.baselines=[dpo-mix,safedpo,merge-half]"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIDPO_HOME", str(home))
+        mp.setenv("MIDPO_HOME", str(module_home))
         mp.delenv("MIDPO_ARTIFACT_ROOT", raising=False)
         cfg = load_config("tiny-ci", overrides)
         return cfg, run_pipeline(cfg, until="experts")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from test_moe import PROMPTS, build_parts, logits, moe_model
+from test_moe import PROMPTS, logits, moe_model, parts  # noqa: F401 (parts: the module-scoped fixture)
 
 from midpo.cli import main
 from midpo.moe.core import forced_gates
@@ -31,13 +31,6 @@ torch.set_num_threads(1)
 
 CHAT = [{"role": "user", "content": "what is the capital of spain ?"}, {"role": "assistant", "content": "the capital of spain is madrid ."}, {"role": "user", "content": PROMPTS[0]}]
 
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe-parts")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIDPO_HOME", str(root / "home"))
-        return build_parts(root)
 
 
 @pytest.fixture(scope="module")
