@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from midpo.config import load_config
-    from midpo.pipeline import PLANNED, default_report_dir, run_pipeline, stages_for
+    from midpo.pipeline import default_report_dir, run_pipeline, stages_for
 
     cfg = load_config(args.profile, args.overrides)
     summary = run_pipeline(cfg, report_dir=args.report_dir or default_report_dir(cfg.profile), dry_run=args.dry_run)
@@ -104,7 +104,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = "cache hit" if stage.name in summary.cache_hits else ("would run" if args.dry_run else "ran")
         seconds = "" if args.dry_run else f" {summary.stage_seconds[stage.name]:.1f}s"
         print(f"{stage.name:10s} {status}{seconds}")
-    print(f"not implemented yet: {', '.join(PLANNED)}")
     if summary.report_dir is not None:
         print(f"report: {summary.report_dir}  (metrics.json)")
     return 0

@@ -56,7 +56,8 @@ def resolve_methods(methods: list[str] | None) -> list[str]:
 def seed_config(cfg: MidpoConfig, offset: int, methods: list[str]) -> MidpoConfig:
     """The profile for seed offset ``offset``: training, router-training and eval seeds moved by ``offset``,
     ``training.baselines`` = the requested baselines; world, data, base and judges untouched (cache hits).
-    Without ``midpo`` among the methods the router section is dropped (no D_dual, router or MoE stage)."""
+    Without ``midpo`` among the methods the router section is dropped (no D_dual, router or MoE stage).
+    A comparison registers nothing: the registry section is dropped (promotion candidates come from ``run``)."""
     from midpo.train.methods import BASELINES
 
     training = dataclasses.replace(cfg.training, seed=cfg.training.seed + offset, baselines=[m for m in methods if m in BASELINES])
@@ -67,7 +68,7 @@ def seed_config(cfg: MidpoConfig, offset: int, methods: list[str]) -> MidpoConfi
         changes["router"] = dataclasses.replace(cfg.router, training=dataclasses.replace(cfg.router.training, seed=cfg.router.training.seed + offset))
     else:
         changes["router"] = None
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, **changes, registry=None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -232,6 +232,18 @@ class RouterConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """Where each pipeline run's MidPO model goes in the MLflow model registry (interfaces.md)."""
+
+    model_name: str = "midpo"
+    alias: str = "challenger"  # the latest candidate; promotion moves `champion`
+
+    def __post_init__(self) -> None:
+        if not self.model_name or not self.alias:
+            raise ValueError("registry.model_name and registry.alias must be non-empty")
+
+
+@dataclass
 class MidpoConfig:
     """A whole profile. Sections map one-to-one onto pipeline stages."""
 
@@ -243,6 +255,7 @@ class MidpoConfig:
     judges: JudgesConfig | None = None
     router: RouterConfig | None = None
     eval: EvalConfig | None = None
+    registry: RegistryConfig | None = None
     run: RunConfig = field(default_factory=RunConfig)
     description: str = ""
 

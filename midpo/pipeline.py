@@ -2,8 +2,7 @@
 
 A stage is a plain function: its own config section and the references produced so far in, output
 references and small metrics out. Outputs land under the artifact root keyed by their inputs' versions,
-so a rerun with unchanged inputs is a cache hit. Later issues append stages to :data:`STAGES`;
-:data:`PLANNED` names those that do not exist yet, and ``midpo run`` says so.
+so a rerun with unchanged inputs is a cache hit.
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ STAGES: list[Stage] = [
     Stage("router", "router", stages.router_stage),
     Stage("moe", "router", stages.moe_stage),
     Stage("eval", "eval", stages.eval_stage),
+    Stage("register", "registry", stages.register_stage),
 ]
-PLANNED = ["register"]
 
 
 @dataclass

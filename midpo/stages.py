@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig, RouterConfig, TrainingConfig
+from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig, RegistryConfig, RouterConfig, TrainingConfig
 from midpo.data.prepare import prepare
 from midpo.data.schema import content_hash
 from midpo.models.tiny import base_key
@@ -309,3 +309,46 @@ def eval_stage(cfg: EvalConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
         hits.append(hit)
         flat.update({f"{method}.{s}.{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)})
     return StageOutput(outputs, flat, all(hits))
+
+
+LINEAGE = ("dataset", "base", "safety-expert", "helpfulness-expert", "router", "midpo")
+
+
+def register_stage(cfg: RegistryConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The packaged MoE as a new version of the registered model, with lineage tags, alias ``cfg.alias``.
+
+    One version per MoE version: a rerun with the same inputs finds it (tag ``midpo.model_version``) and
+    only points the alias at it again. Must run inside an MLflow run (the pipeline's stage run).
+    """
+    import mlflow
+
+    parts = {n: _need(inputs, n, "register") for n in LINEAGE}
+    version = parts["midpo"].version
+    client = mlflow.MlflowClient()
+    found = client.search_model_versions(f"name = '{cfg.model_name}' and tags.`midpo.model_version` = '{version}'") if _registered(client, cfg.model_name) else []
+    if dry_run:
+        return StageOutput({}, {}, bool(found))
+    if found:
+        registered = max(int(v.version) for v in found)
+    else:
+        from midpo.moe.serving import log_moe_model
+
+        info = log_moe_model(_folder(parts["midpo"]), registered_model_name=cfg.model_name)
+        registered = int(info.registered_model_version)
+        tags = {f"midpo.{n.replace('-', '_')}_version": r.version for n, r in parts.items()}
+        tags.update({f"midpo.{n.replace('-', '_')}_uri": r.uri for n, r in parts.items()})
+        tags.update({"midpo.model_version": version, "midpo.run_id": mlflow.active_run().info.run_id})
+        for key, value in tags.items():
+            client.set_model_version_tag(cfg.model_name, str(registered), key, value)
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, str(registered))
+    return StageOutput({}, {"registered_version": float(registered)}, bool(found))
+
+
+def _registered(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False

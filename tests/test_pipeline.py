@@ -15,12 +15,12 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     report = tmp_path / "report"
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
     out = capsys.readouterr().out
-    assert f"report: {report}" in out and "not implemented yet" in out
+    assert f"report: {report}" in out
     metrics = json.loads((report / "metrics.json").read_text())
     assert_metrics_structure(metrics)
     run = metrics["run"]
     assert run["profile"] == "tiny-ci" and len(run["dataset_version"]) == 16
-    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval"]
+    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval", "register"]
     assert run["cache_hits"] == []
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
@@ -37,11 +37,17 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
             history = client.get_metric_history(curve["run_id"], key)
             assert len(history) >= 2 and history[0].step < history[-1].step, (name, key)
 
+    # the MoE registered as a version of `midpo` with its lineage, alias challenger
+    version = client.get_model_version_by_alias("midpo", "challenger")
+    assert version.tags["midpo.dataset_version"] == run["dataset_version"] and version.tags["midpo.run_id"] in set(runs["run_id"])
+    assert {"midpo.base_version", "midpo.safety_expert_version", "midpo.helpfulness_expert_version", "midpo.router_version", "midpo.midpo_uri"} <= set(version.tags)
+
     assert main(["run", "--profile", "tiny-ci", "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert all(f"{name:10s} cache hit" in plan for name in ("world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval")), plan
+    assert all(f"{name:10s} cache hit" in plan for name in ("world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval", "register")), plan
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
-    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval"]
+    assert [v.version for v in client.search_model_versions("name = 'midpo'")] == [version.version]  # a rerun registers nothing new
+    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval", "register"]
     assert (report / "report.md").is_file() and (report / "oracle.png").is_file()
 
 
