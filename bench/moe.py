@@ -9,10 +9,11 @@ Sides (the same base weights, prompts, batch and generated length; greedy, KV ca
   default ``linear`` gate (``GateConfig()``): every ``down_proj`` becomes ``down_proj(u) + alpha(u) dS(u) +
   beta(u) dH(u)``, two gates and two LoRA branches per layer and token;
 - **moe (official)**: the same with the ``official`` gate (reported for comparison, no target);
-- prototypes (``--prototypes``, default on): the linear MoE with its ``MoEDownProj`` modules replaced by
-  :class:`FusedGatesDownProj` / :class:`FusedMoEDownProj` / :class:`FusedDownMoEDownProj` below (the same
-  function, fewer and larger ops), to measure what a change of ``midpo/moe/core.py`` would gain. They live in
-  this file only: the library is unchanged.
+- prototypes (``--no-prototypes`` skips them): the linear MoE with its ``MoEDownProj`` modules replaced by
+  :class:`FusedGatesDownProj` / :class:`FusedMoEDownProj` / :class:`FusedDownMoEDownProj` below, and the
+  official MoE with its gates collapsed (:func:`collapse_layer_gates`): the same functions with fewer and
+  larger ops, to measure what a change of ``midpo/moe/core.py`` would gain. They live in this file only:
+  the library is unchanged.
 
 The gates are freshly initialised (``N(0, 0.02)``, i.e. about 0.5 everywhere): a trained gate costs the
 same, since no branch is ever skipped. Figures:
@@ -23,10 +24,10 @@ same, since no branch is ever skipped. Figures:
    that alternates (forward, reversed); the ratio is the median over rounds of the within-round ratio.
 2. **Peak memory** of one generation. On CUDA: ``torch.cuda.max_memory_allocated`` during the generation
    minus what was allocated before it, plus the model's parameter and buffer bytes. On CPU (no allocator
-   statistics): parameter + buffer bytes + the peak of live tensor bytes created during the generation,
-   counted exactly by :class:`LiveTensorBytes` (a ``TorchDispatchMode`` that adds every op's new output
-   storages and drops them when they are freed): the KV cache, activations, gates, logits. Deterministic
-   for given shapes; it leaves out allocator rounding, an op's internal scratch and the Python heap.
+   statistics): parameter + buffer bytes + the peak of the running sum of the CPU allocations and frees
+   that ``torch.profiler`` records during the generation (:func:`cpu_peak_allocated`): the KV cache,
+   activations, gates, logits, op-internal buffers. Deterministic for given shapes; it leaves out the
+   allocator's own rounding and the Python heap (RSS would be too noisy on a shared machine).
 
 ``run(...)`` returns every figure as a dict (``--json`` writes it); the printed report ends with
 ``RESULT moe_vs_merged_throughput=<x> moe_vs_merged_memory=<y>`` (default gate).
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import io
 import json
@@ -53,8 +55,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 try:
     from midpo_bench.experts import _load, machine_info
@@ -90,13 +90,20 @@ class MoEInputs:
 def pipeline_inputs(cfg: Any) -> MoEInputs:
     """The base and both trained experts from the pipeline (run, or cached under MIDPO_HOME, up to the
     experts stage); prompts from the safety subset's eval split, then its train split."""
+    from midpo.config import ConfigError
     from midpo.data.prepare import load_subset
     from midpo.pipeline import run_pipeline, stages_for
     from midpo.storage import ArtifactStore
 
-    planned = run_pipeline(cfg, until="experts", dry_run=True)  # all cached: no stage (and no child process) runs
-    complete = len(planned.cache_hits) == len(stages_for(cfg, "experts"))
+    try:  # all cached: the plan's outputs, and no stage (nor the experts stage's child processes) runs
+        planned = run_pipeline(cfg, until="experts", dry_run=True)
+        complete = len(planned.cache_hits) == len(stages_for(cfg, "experts"))
+    except Exception as e:  # noqa: BLE001 - a plan past a missing artifact cannot resolve; the real run can
+        log.debug("no complete cached plan (%s): running the pipeline", e)
+        complete = False
     outputs = planned.outputs if complete else run_pipeline(cfg, until="experts").outputs
+    if "safety-expert" not in outputs:
+        raise ConfigError(f"profile {cfg.profile} trains no experts (no training section): pass --experts random")
     store = ArtifactStore()
     folder = {name: store.fetch(store.key_of(outputs[name].uri)) for name in ("base", "safety-expert", "helpfulness-expert")}
     prompts = []
@@ -124,11 +131,18 @@ def xstest_prompts() -> list[tuple[str, list[dict[str, str]]]]:
 
 
 def random_inputs(cfg: Any, workdir: Path) -> MoEInputs:
-    """The profile's base (``base.model``, e.g. smollm2) with two random LoRA experts of the profile's rank on
-    ``down_proj``; prompts from XSTest. Throughput and memory do not depend on the adapters' values."""
+    """The profile's base (``base.model``, e.g. smollm2; a tiny base from the pipeline's base stage) with two
+    random LoRA experts of the profile's rank on ``down_proj``; prompts from XSTest. Throughput and memory do
+    not depend on the adapters' values."""
     from midpo.models.provision import resolve_model
+    from midpo.pipeline import run_pipeline
+    from midpo.storage import ArtifactStore
 
-    base = resolve_model(cfg.base.model)
+    if cfg.base.model is not None:
+        base = resolve_model(cfg.base.model)
+    else:
+        store = ArtifactStore()
+        base = store.fetch(store.key_of(run_pipeline(cfg, until="base").outputs["base"].uri))
     folders = {name: random_lora(base, workdir / f"{name}-random", cfg.training.lora, seed) for name, seed in RANDOM_SEEDS.items()}
     return MoEInputs(base, folders["safety"], folders["helpfulness"], "random", xstest_prompts())
 
@@ -240,32 +254,22 @@ def swap_layers(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> int
 # Memory
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages created by ops while active, minus those freed: ``peak`` is the
-    most alive at once (the CPU stand-in for ``torch.cuda.max_memory_allocated``). ``ops`` counts ops."""
+def cpu_peak_allocated(fn: Callable[[], Any]) -> tuple[int, int]:
+    """``(peak bytes, aten ops)`` of what ``fn`` allocates on the CPU while it runs: the running sum of
+    ``torch.profiler``'s memory events (``profile_memory=True``: every CPU allocation and free through
+    c10's allocator, op-internal buffers included, views not), the CPU stand-in for
+    ``torch.cuda.max_memory_allocated``. Deterministic for given shapes (requested bytes, no rounding)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self) -> None:
-        super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self._ref = StorageWeakRef
-        self.live: dict[int, tuple[Any, int]] = {}  # data_ptr -> (weak ref, bytes)
-        self.current = self.peak = self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        self.ops += 1
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:  # freed since the last op
-            self.current -= self.live.pop(key)[1]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.live:
-                    self.live[key] = (self._ref(storage), nbytes)
-                    self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        return out
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    current = peak = 0
+    memory = [e for e in events if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    for event in sorted(memory, key=lambda e: e.start_ns()):  # a stable sort: one thread's events stay in order
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak, sum(1 for e in events if e.name().startswith("aten::"))
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -340,9 +344,8 @@ def peak_memory(side: Side, enc: Mapping[str, torch.Tensor], new_tokens: int, id
         torch.cuda.synchronize(device)
         peak, ops, method = torch.cuda.max_memory_allocated(device) - before, None, "torch.cuda.max_memory_allocated"
     else:
-        with LiveTensorBytes() as counter:
-            generate(side.model, enc, new_tokens, ids["eos"], ids["pad"])
-        peak, ops, method = counter.peak, counter.ops, "live tensor bytes (TorchDispatchMode)"
+        peak, ops = cpu_peak_allocated(lambda: generate(side.model, enc, new_tokens, ids["eos"], ids["pad"]))
+        method = "torch.profiler CPU memory events"
     return {"weights_bytes": weights, "generation_peak_bytes": peak, "total_bytes": weights + peak, "ops": ops, "method": method}
 
 
@@ -405,7 +408,7 @@ def layer_microbench(moe_model: Any, official_model: Any, batch: int, device: to
         "  lora helpfulness": lambda: layer.helpfulness(u),
     }
     for name, make in PROTOTYPE_CLASSES.items():
-        pieces[name] = (lambda m: lambda: m(u))(make(layer))
+        pieces[name] = functools.partial(make(layer), u)
     pieces["skip one branch (bound)"] = one_branch
     pieces["moe layer (official gate)"] = lambda: official(u)
     collapsed = collapse_layer_gates(copy.deepcopy(official))
@@ -579,11 +582,15 @@ def format_report(result: Mapping[str, Any]) -> str:
     yes = {True: "met", False: "MISSED"}
     lines = [
         f"midpo bench moe  profile={result['profile']}  experts={result['experts_source']}",
-        f"machine: {m['processor']}, {m['usable_cores']} usable cores ({m['cpu_count']} in all), torch {m['torch_version']} with {m['torch_threads']} thread(s), "
-        f"device {m['device']}; load average {m['load_average_before']} -> {m['load_average_after']}",
+        (
+            f"machine: {m['processor']}, {m['usable_cores']} usable cores ({m['cpu_count']} in all), torch {m['torch_version']} with {m['torch_threads']} thread(s), "
+            f"device {m['device']}; load average {m['load_average_before']} -> {m['load_average_after']}"
+        ),
         f"model: {md['layers']} layers, hidden {md['hidden_size']}, d_ff {md['intermediate_size']}, vocab {md['vocab_size']}, {md['dtype']}",
-        f"generation: batch {g['batch']} x {g['new_tokens']} new tokens (min = max, greedy, KV cache), prompt block {g['prompt_tokens']} tokens, "
-        f"{g['rounds']} alternating rounds after a warm-up, on {g['device']}; tok/s = median, ratios = median of within-round ratios",
+        (
+            f"generation: batch {g['batch']} x {g['new_tokens']} new tokens (min = max, greedy, KV cache), prompt block {g['prompt_tokens']} tokens, "
+            f"{g['rounds']} alternating rounds after a warm-up, on {g['device']}; tok/s = median, ratios = median of within-round ratios"
+        ),
         f"memory: weights + peak of one generation ({result['memory']['method']})",
         "",
         f"  {'':24s} {'throughput (wall; CPU-time ratio)':>36s}   {'peak memory':>46s}",
@@ -599,8 +606,10 @@ def format_report(result: Mapping[str, Any]) -> str:
     t, mm, o = result["throughput"], result["memory"], result["official"]
     lines += [
         "",
-        f"  moe (linear gate) / merged: throughput {t['ratio']:.3f}x (target >= {t['target']}x: {yes[t['met']]}), "
-        f"memory {mm['ratio']:.3f}x (target <= {mm['target']}x: {yes[mm['met']]})",
+        (
+            f"  moe (linear gate) / merged: throughput {t['ratio']:.3f}x (target >= {t['target']}x: {yes[t['met']]}), "
+            f"memory {mm['ratio']:.3f}x (target <= {mm['target']}x: {yes[mm['met']]})"
+        ),
         f"  moe (official gate) / merged: throughput {o['throughput_ratio']:.3f}x, memory {o['memory_ratio']:.3f}x (for comparison, no target)",
     ]
     protos = [(n, s) for n, s in result["sides"].items() if "source" in s]
