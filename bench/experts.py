@@ -187,7 +187,11 @@ def train_ours(base: Path, rows: Sequence[Row], training: Any, workdir: Path, **
     from midpo.models.load import load_model
     from midpo.train.losses import LOSS_COLUMNS
     from midpo.train.refs import REF_COLUMNS
-    from midpo.train.trainer import MidpoDPOTrainer, peft_lora_config, preference_dataset
+    from midpo.train.trainer import (
+        MidpoDPOTrainer,
+        peft_lora_config,
+        preference_dataset,
+    )
 
     def build() -> Any:
         model, tokenizer, template = load_model(base)

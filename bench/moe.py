@@ -43,7 +43,6 @@ import io
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -622,23 +621,8 @@ def format_report(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="midpo bench moe", description="MoE generation vs the base with one merged adapter (docs/benchmarks.md)")
-    p.add_argument("--profile", default="tiny", help="profile name or a .yaml file (default tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="also write every figure to this JSON file")
-    p.add_argument("--batch", type=int, help="prompts per generation (default: tiny 32, smollm2 8, others 8)")
-    p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default: tiny 48, smollm2 64, others 16)")
-    p.add_argument("--rounds", type=int, help="timed alternating rounds (default: tiny 20, others 5)")
-    p.add_argument("--experts", choices=["pipeline", "random"], help="trained experts from the pipeline, or random LoRAs (default by profile)")
-    p.add_argument("--no-prototypes", dest="prototypes", action="store_false", help="skip the fused-layer prototypes")
-    p.add_argument("--device", help="cpu or cuda (default cuda when available)")
-    p.add_argument("--threads", type=int, help="torch threads (default: the profile's run.torch_threads, else 1)")
-    return p
-
-
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``run`` with the parsed options of :func:`build_parser` (or of ``midpo bench moe``, the same names)."""
+    """``run`` with the parsed options of ``midpo bench moe`` (midpo/cli.py)."""
     return run(
         args.profile,
         args.overrides,
@@ -651,13 +635,3 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         threads=args.threads,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    print(format_report(run_args(build_parser().parse_args(argv))))
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())

@@ -5,12 +5,12 @@ Deployed as ``midpo/full-pipeline`` (prefect.yaml): ``prefect deployment run mid
 
 from __future__ import annotations
 
+from midpo_tasks.stages import run_stage
 from prefect import flow
 
 from midpo import tracking
 from midpo.config import load_config
 from midpo.pipeline import STAGES
-from midpo_tasks.stages import run_stage
 
 
 @flow(name="midpo", log_prints=False)

@@ -8,8 +8,8 @@ and the file it came from. Each stage function receives only its own section.
 from __future__ import annotations
 
 import dataclasses
-import json
 import importlib.resources
+import json
 import types
 import typing
 from dataclasses import dataclass, field

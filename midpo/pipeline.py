@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from midpo import tracking
-from midpo import stages
+from midpo import stages, tracking
 from midpo.config import MidpoConfig, RunConfig
-from midpo.stages import StageOutput
 from midpo.eval.report import write_report
 from midpo.judges.score import METRIC_NAMES
+from midpo.stages import StageOutput
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
 
 log = logging.getLogger(__name__)

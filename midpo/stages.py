@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midpo.config import BaseConfig, ConfigError, DataConfig, EvalConfig, JudgesConfig, RegistryConfig, RouterConfig, TrainingConfig
+from midpo.config import (
+    BaseConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    JudgesConfig,
+    RegistryConfig,
+    RouterConfig,
+    TrainingConfig,
+)
 from midpo.data.prepare import prepare
 from midpo.data.schema import content_hash
 from midpo.models.tiny import base_key
@@ -103,7 +112,11 @@ def judges_stage(cfg: JudgesConfig, inputs: dict[str, ArtifactRef], dry_run: boo
     clean labels. The refusal judge never trains on a prompt of the world's eval sets.
     """
     from midpo.judges.refusal import judges_metrics, train_refusal_judge
-    from midpo.judges.score import evaluate_score_models, score_model_ref, train_score_model
+    from midpo.judges.score import (
+        evaluate_score_models,
+        score_model_ref,
+        train_score_model,
+    )
     from midpo.world import clean_labels
 
     base, dataset = _need(inputs, "base", "judges"), _need(inputs, "dataset", "judges")

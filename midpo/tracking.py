@@ -16,7 +16,6 @@ from typing import Any
 
 from midpo.storage import artifact_root, local_copy, midpo_home
 
-
 # The embedded defaults this process returned: ``mlflow.set_tracking_uri`` exports its URI as
 # MLFLOW_TRACKING_URI (for subprocesses), so that variable alone no longer says whether the user
 # configured a tracking server (a later MIDPO_HOME would be ignored, experiments would land in ./mlruns).

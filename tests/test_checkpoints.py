@@ -14,7 +14,11 @@ from transformers import TrainerCallback
 
 from midpo.models.load import load_model
 from midpo.storage import MANIFEST, ArtifactStore
-from midpo.train.checkpoints import MirrorCheckpoints, mirrored_checkpoints, restore_checkpoint
+from midpo.train.checkpoints import (
+    MirrorCheckpoints,
+    mirrored_checkpoints,
+    restore_checkpoint,
+)
 from midpo.train.refs import attach_reference, reference_table
 from midpo.train.trainer import RUN_FILE, train_adapter
 from tests.test_trainer import base, make_rows, tcfg  # noqa: F401  (base: the tiny-model fixture)

@@ -1,8 +1,9 @@
 """Every package folder is listed in pyproject.toml, and the library never imports Prefect."""
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,13 @@ import boto3
 import pytest
 import torch
 
-from midpo.models.provision import HubUnreachable, ModelSourceError, fit_tokenizer, load_gguf, resolve_model
+from midpo.models.provision import (
+    HubUnreachable,
+    ModelSourceError,
+    fit_tokenizer,
+    load_gguf,
+    resolve_model,
+)
 from midpo.storage import NotFound
 
 torch.set_num_threads(1)
@@ -112,8 +118,8 @@ def write_gguf(path: Path, model: torch.nn.Module, tokens: list[str], merges: li
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """The tiny model (eval mode), its HF folder (tokenizer without a pad token) and its GGUF file."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny")
     tokens, merges = tiny_bpe()

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from midpo.data.readers import FORMATS, ReadResult, Unreadable, read_source
-from midpo.data.schema import EvalPrompt, LabeledCompletion, PreferencePair, Reason, Severity
+from midpo.data.schema import (
+    EvalPrompt,
+    LabeledCompletion,
+    PreferencePair,
+    Reason,
+    Severity,
+)
 from midpo.data.subsets import build_subsets
 from midpo.storage import builtin_path
 

@@ -9,11 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from midpo.config import DataConfig, SourceConfig
 from midpo.data.prepare import prepare
-from midpo.judges.losses import bradley_terry_loss, cost_loss, reward_loss, safety_sign, sign_loss
+from midpo.judges.losses import (
+    bradley_terry_loss,
+    cost_loss,
+    reward_loss,
+    safety_sign,
+    sign_loss,
+)
 from midpo.judges.score import (
     METRIC_NAMES,
     ScoreConfig,

@@ -1,7 +1,13 @@
 """The subset rules of midpo-method.md on hand-made pairs."""
 
 from midpo.data.schema import PreferencePair
-from midpo.data.subsets import build_subsets, counts_by_kind, dual_label_pair, helpfulness_pair, safety_pair
+from midpo.data.subsets import (
+    build_subsets,
+    counts_by_kind,
+    dual_label_pair,
+    helpfulness_pair,
+    safety_pair,
+)
 
 
 def pair(s0, s1, better, safer, kind="harmful"):

@@ -4,7 +4,13 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from midpo.models.template import EOS, WORLD_SPECIALS, ChatTemplate, WorldTemplate, template_for
+from midpo.models.template import (
+    EOS,
+    WORLD_SPECIALS,
+    ChatTemplate,
+    WorldTemplate,
+    template_for,
+)
 from midpo.models.tokenizer import prepare_tokenizer, train_world_tokenizer
 
 CORPUS = [

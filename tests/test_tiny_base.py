@@ -6,7 +6,13 @@ import random
 import pytest
 import torch
 
-from midpo.models import TinyBaseConfig, base_stage, build_tiny_base, generate, load_model
+from midpo.models import (
+    TinyBaseConfig,
+    base_stage,
+    build_tiny_base,
+    generate,
+    load_model,
+)
 from midpo.models.tiny import BASE_META, base_key, build_tiny_model
 from midpo.models.tokenizer import train_world_tokenizer
 from midpo.storage import ArtifactStore

@@ -28,8 +28,25 @@ from midpo.models.load import load_model
 from midpo.models.tiny import BASE_META, TinyBaseConfig, build_tiny_model
 from midpo.models.tokenizer import train_world_tokenizer
 from midpo.train.losses import LOSS_COLUMNS
-from midpo.train.refs import REF_COLUMNS, attach_reference, ensure_fused_head, load_reference_table, reference_table, save_reference_table, sequence_logps, tokenize_pair
-from midpo.train.trainer import ADAPTER_META, MidpoDPOTrainer, dpo_config, last_checkpoint, peft_lora_config, preference_dataset, train_adapter
+from midpo.train.refs import (
+    REF_COLUMNS,
+    attach_reference,
+    ensure_fused_head,
+    load_reference_table,
+    reference_table,
+    save_reference_table,
+    sequence_logps,
+    tokenize_pair,
+)
+from midpo.train.trainer import (
+    ADAPTER_META,
+    MidpoDPOTrainer,
+    dpo_config,
+    last_checkpoint,
+    peft_lora_config,
+    preference_dataset,
+    train_adapter,
+)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

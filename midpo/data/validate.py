@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from midpo.data.readers import Unreadable, read_source
-from midpo.data.schema import EvalPrompt, LabeledCompletion, PreferencePair, Problem, Reason, Severity
+from midpo.data.schema import (
+    EvalPrompt,
+    LabeledCompletion,
+    PreferencePair,
+    Problem,
+    Reason,
+    Severity,
+)
 from midpo.data.subsets import SUBSETS, build_subsets, counts_by_kind
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from midpo.models.template import ChatTemplate, PromptTemplate, WorldTemplate, template_for
+from midpo.models.template import (
+    ChatTemplate,
+    PromptTemplate,
+    WorldTemplate,
+    template_for,
+)
 from midpo.models.tiny import TinyBaseConfig, base_stage, build_tiny_base
 
 _LAZY = {

@@ -16,7 +16,17 @@ from typing import Any
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from midpo.models.template import ASSISTANT, BOS, EOS, PAD, TEMPLATE_KEY, UNK, USER, WORLD_CHAT_TEMPLATE, WORLD_SPECIALS
+from midpo.models.template import (
+    ASSISTANT,
+    BOS,
+    EOS,
+    PAD,
+    TEMPLATE_KEY,
+    UNK,
+    USER,
+    WORLD_CHAT_TEMPLATE,
+    WORLD_SPECIALS,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from midpo.moe.core import GateConfig, attach_experts, gate_regularizer, gate_state_dict, is_gate_parameter, moe_layers, recorded_gates
+from midpo.moe.core import (
+    GateConfig,
+    attach_experts,
+    gate_regularizer,
+    gate_state_dict,
+    is_gate_parameter,
+    moe_layers,
+    recorded_gates,
+)
 from midpo.train.trainer import MidpoDPOTrainer, train_adapter
 
 GATES_FILE = "gates.safetensors"

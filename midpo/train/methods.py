@@ -29,7 +29,15 @@ from typing import Any
 from midpo.config import TrainingConfig
 from midpo.data.schema import content_hash
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
-from midpo.train.passes import SCORES_FILE, folder_of, ref_of, reference_artifact, reference_key, scores_artifact, scores_key
+from midpo.train.passes import (
+    SCORES_FILE,
+    folder_of,
+    ref_of,
+    reference_artifact,
+    reference_key,
+    scores_artifact,
+    scores_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,11 @@ def method_rows(name: str, dataset: ArtifactRef, refs: ArtifactRef, scores: Arti
 
     from midpo.data.prepare import load_pairs_table, load_subset
     from midpo.train.losses import attach_safety_labels, spe_margins
-    from midpo.train.refs import attach_reference, join_response_values, load_reference_table
+    from midpo.train.refs import (
+        attach_reference,
+        join_response_values,
+        load_reference_table,
+    )
 
     method = METHODS[name]
     rows: dict[tuple[str, int], dict[str, Any]] = {}

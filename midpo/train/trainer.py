@@ -20,7 +20,6 @@ checkpoint, and saves the PEFT adapter with a ``midpo_adapter.json`` (config, da
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -38,7 +37,13 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from midpo.config import LoraConfig, TrainingConfig
 from midpo.data.schema import content_hash
-from midpo.train.losses import LOSS_COLUMNS, LOSSES, LogProbs, apply_data_rule, resolve_params
+from midpo.train.losses import (
+    LOSS_COLUMNS,
+    LOSSES,
+    LogProbs,
+    apply_data_rule,
+    resolve_params,
+)
 from midpo.train.refs import REF_COLUMNS, sequence_logps
 from midpo.trl_args import common_args
 

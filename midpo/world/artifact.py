@@ -11,7 +11,15 @@ from typing import Any
 from midpo.data.schema import content_hash
 from midpo.storage import ArtifactRef, ArtifactStore
 from midpo.world.config import WorldConfig
-from midpo.world.generate import EVAL_SETS, dual_counts, eval_prompts, generate_pairs, noise_summary, sft_examples, world_summary
+from midpo.world.generate import (
+    EVAL_SETS,
+    dual_counts,
+    eval_prompts,
+    generate_pairs,
+    noise_summary,
+    sft_examples,
+    world_summary,
+)
 
 PAIRS = "pairs.jsonl"  # PKU schema (+ context, prompt_kind, extras with the clean labels)
 SFT = "sft.jsonl"  # {prompt, response} dialogues for the base model
