@@ -13,12 +13,14 @@ only the allowlist, the added term and what it saves differ; :func:`train_router
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from midpo.config import TrainingConfig
 from midpo.moe.core import (
     GateConfig,
     attach_experts,
@@ -80,7 +82,7 @@ def train_router(
     safety: str | Path,
     helpfulness: str | Path,
     rows: list[dict[str, Any]],
-    cfg: Any,
+    cfg: TrainingConfig,
     gate: GateConfig,
     reg_weight: float,
     out_dir: str | Path,
@@ -92,8 +94,6 @@ def train_router(
     """Train the gates over the two expert folders on D_dual ``rows`` (with reference columns); writes
     ``gates.safetensors``, ``midpo_router.json``, ``midpo_adapter.json`` and ``log_history.json`` to
     ``out_dir``. ``experts`` (their versions) go into the run claim; ``kwargs`` go to ``train_adapter``."""
-    import dataclasses
-
     gate_dict = dataclasses.asdict(gate)
     return train_adapter(
         base_folder, rows, "dpo", cfg, out_dir,
