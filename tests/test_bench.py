@@ -112,8 +112,10 @@ MOE_SIDES = {"merged", "moe", "moe-official", *moe.PROTOTYPES}
 
 def test_bench_moe_on_tiny_ci(tmp_path, capsys):
     out = tmp_path / "bench" / "moe.json"
-    argv = ["--profile", "tiny-ci", "--batch", "3", "--new-tokens", "5", "--rounds", "2", "--json", str(out)]
-    assert moe.main(argv) == 0
+    from midpo.cli import main
+
+    argv = ["bench", "moe", "--profile", "tiny-ci", "--batch", "3", "--new-tokens", "5", "--rounds", "2", "--json", str(out)]
+    assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     match = MOE_RESULT.match(lines[-1])
     assert match, lines[-1]
