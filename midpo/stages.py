@@ -165,8 +165,9 @@ def experts_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: 
 
 
 def _folder(ref: ArtifactRef) -> Path:
-    store = ArtifactStore()
-    return store.fetch(store.key_of(ref.uri))
+    from midpo.train.passes import folder_of
+
+    return folder_of(ArtifactStore(), ref)
 
 
 def dual_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
@@ -176,7 +177,7 @@ def dual_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool 
 
     from midpo.data.prepare import load_pairs_table, load_subset
     from midpo.moe.dual import build_dual
-    from midpo.train.passes import SCORES_FILE
+    from midpo.train.passes import load_scores
 
     dataset, scores = _need(inputs, "dataset", "dual"), _need(inputs, "scores", "dual")
     store = ArtifactStore()
@@ -187,8 +188,7 @@ def dual_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool 
         counts = store.manifest(key)["metadata"]["counts"] if store.is_complete(key) else {}
         return StageOutput({"dual": ref}, _count_metrics(counts), store.is_complete(key))
     pairs = [p for p in load_pairs_table(dataset, store).to_list() if p["split"] == "train"]
-    table = datasets.Dataset.from_parquet(str(_folder(scores) / SCORES_FILE))
-    by_response = {(r["pair_id"], int(r["response_index"])): (r["reward"], r["cost"]) for r in table}
+    by_response = {(r["pair_id"], int(r["response_index"])): (r["reward"], r["cost"]) for r in load_scores(store, scores)}
     rows, counts = build_dual(pairs, load_subset(dataset, "safety", "train", store).to_list(), by_response, cfg.dual_rule, cfg.reward_choice)
     if not rows:
         raise ConfigError(f"router.dual_rule {cfg.dual_rule!r} leaves no router pairs in this dataset ({counts}); choose another rule")

@@ -30,8 +30,8 @@ from midpo.config import TrainingConfig
 from midpo.data.schema import content_hash
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
 from midpo.train.passes import (
-    SCORES_FILE,
     folder_of,
+    load_scores,
     ref_of,
     reference_artifact,
     reference_key,
@@ -79,8 +79,6 @@ def check_names(names: Sequence[str]) -> None:
 def method_rows(name: str, dataset: ArtifactRef, refs: ArtifactRef, scores: ArtifactRef, store: ArtifactStore, split: str = "train") -> list[dict[str, Any]]:
     """The method's training rows: its subsets (a preference in two subsets once), with the reference
     log-probs, R and C of both responses, the safety labels and, for the experts, the SPE-DPO margin."""
-    import datasets
-
     from midpo.data.prepare import load_pairs_table, load_subset
     from midpo.train.losses import attach_safety_labels, spe_margins
     from midpo.train.refs import (
@@ -95,7 +93,7 @@ def method_rows(name: str, dataset: ArtifactRef, refs: ArtifactRef, scores: Arti
         for row in load_subset(dataset, subset, split, store).to_list():
             rows.setdefault((row["pair_id"], int(row["chosen_index"])), row)
     table, _ = load_reference_table(folder_of(store, refs))
-    score_table = datasets.Dataset.from_parquet(str(folder_of(store, scores) / SCORES_FILE))
+    score_table = load_scores(store, scores)
     out = attach_reference(list(rows.values()), table)
     for score in ("reward", "cost"):
         out = join_response_values(out, score_table, score, (f"chosen_{score}", f"rejected_{score}"))

@@ -31,6 +31,13 @@ def folder_of(store: ArtifactStore, ref: ArtifactRef) -> Path:
     return store.fetch(store.key_of(ref.uri))
 
 
+def load_scores(store: ArtifactStore, scores: ArtifactRef) -> Any:
+    """The scores artifact's table: ``pair_id``, ``response_index``, ``reward``, ``cost``."""
+    import datasets
+
+    return datasets.Dataset.from_parquet(str(folder_of(store, scores) / SCORES_FILE))
+
+
 def reference_key(base: ArtifactRef, dataset: ArtifactRef, cfg: TrainingConfig) -> tuple[str, dict[str, Any]]:
     meta = {"base": base.version, "dataset": dataset.version, "max_length": cfg.max_length, "bf16": cfg.bf16}
     return f"refs/{content_hash(meta)[:16]}", meta
