@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="generate with one model and judge it on eval sets")
     _profile_args(ev)
-    ev.add_argument("--model", required=True, help="a local model folder, file:// URI or an artifact URI under the artifact root")
+    ev.add_argument("--model", required=True, help="a model folder or URI (file://, s3://, the artifact root), a package alias, or models:/midpo@champion")
     ev.add_argument("--name", help="the method name in metrics.json (default: the model folder's name)")
     ev.add_argument("--prompts", action="append", default=[], metavar="FILE", help="a prompt file (csv/jsonl/txt) instead of the profile's eval sets")
     ev.add_argument("--kind", action="append", default=[], choices=["harmful", "borderline", "benign"], help="the kind of each --prompts file, in order")
@@ -100,12 +100,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.profile, args.overrides)
     summary = run_pipeline(cfg, report_dir=args.report_dir or default_report_dir(cfg.profile), dry_run=args.dry_run)
+    budgets = cfg.run.stage_budgets
     for stage in stages_for(cfg):
         status = "cache hit" if stage.name in summary.cache_hits else ("would run" if args.dry_run else "ran")
-        seconds = "" if args.dry_run else f" {summary.stage_seconds[stage.name]:.1f}s"
-        print(f"{stage.name:10s} {status}{seconds}")
+        line = f"{stage.name:10s} {status:10s}"
+        if not args.dry_run:
+            seconds, budget = summary.stage_seconds[stage.name], budgets.get(stage.name)
+            over = budget is not None and seconds > budget
+            line += f" {seconds:7.1f} s" + (f"  (budget {budget:.0f} s{', OVER' if over else ''})" if budget is not None else "")
+        print(line)
+    if not args.dry_run:
+        total = cfg.run.budget
+        over = total is not None and summary.wall_seconds > total
+        print(f"{'total':10s} {'':10s} {summary.wall_seconds:7.1f} s" + (f"  (budget {total:.0f} s{', OVER' if over else ''})" if total is not None else ""))
     if summary.report_dir is not None:
-        print(f"report: {summary.report_dir}  (metrics.json)")
+        print(f"report: {summary.report_dir / 'report.md'}  (metrics.json, plots beside it)")
     return 0
 
 
@@ -154,14 +163,43 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_folder(ref: str) -> Path:
+    """A model reference as a local folder: an artifact URI, a path or file:// URI, s3://, a package alias or
+    hub id, or ``models:/name@alias`` (the MoE folder packaged in that registered version)."""
+    from midpo.models.provision import resolve_model
+    from midpo.storage import ArtifactStore, NotFound, local_copy
+
+    if ref.startswith("models:/"):
+        import mlflow
+        import yaml
+
+        from midpo.moe.serving import ARTIFACT
+        from midpo.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        root = Path(mlflow.artifacts.download_artifacts(ref))
+        flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+        if ARTIFACT not in flavor.get("artifacts", {}):
+            raise ConfigError(f"{ref} is not a packaged midpo MoE (no {ARTIFACT!r} artifact in its MLmodel)")
+        return root / flavor["artifacts"][ARTIFACT]["path"]
+    store = ArtifactStore()
+    if ref.startswith(store.root + "/"):
+        return store.fetch(store.key_of(ref))
+    try:  # a local path or file:// as it is (a MoE folder has no config.json at its top)
+        return local_copy(ref) if not ref.startswith("s3://") else resolve_model(ref)
+    except NotFound:
+        return resolve_model(ref)  # hub ids, package aliases (smollm2), or its clear error
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """One model on the profile's eval sets (or prompt files), judged by the profile's judges."""
     from midpo.config import load_config
     from midpo.eval.evaluate import evaluate_model, prompt_file_set
     from midpo.eval.report import write_report
+    from midpo.eval.sets import build_eval_sets
     from midpo.models.load import load_model
-    from midpo.pipeline import apply_runtime, default_report_dir, run_pipeline
-    from midpo.stages import world_eval_sets
-    from midpo.storage import ArtifactStore, local_copy
+    from midpo.pipeline import apply_runtime, default_report_dir, run_pipeline, stages_for
+    from midpo.stages import judges_for
 
     cfg = load_config(args.profile, args.overrides)
     apply_runtime(cfg.run)
@@ -169,17 +207,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"profile {cfg.profile} has no eval section")
     if len(args.kind) != len(args.prompts):
         raise ConfigError("give one --kind per --prompts file")
-    if args.prompts:
-        sets = [prompt_file_set(path, kind) for path, kind in zip(args.prompts, args.kind)]
-    else:
-        world = run_pipeline(cfg, until="world").outputs.get("world")
-        if world is None:
-            raise ConfigError(f"profile {cfg.profile} has no built-in eval sets yet: pass --prompts FILE --kind KIND")
-        sets = world_eval_sets(world, cfg.eval.sets)
-    store = ArtifactStore()
-    folder = store.fetch(store.key_of(args.model)) if args.model.startswith(store.root + "/") else local_copy(args.model)
+    refs = run_pipeline(cfg, until=[s.name for s in stages_for(cfg) if s.name in ("judges", "refusal")]).outputs  # cache hits once built
+    sets = [prompt_file_set(path, kind) for path, kind in zip(args.prompts, args.kind)] or build_eval_sets(cfg.eval.sets, refs)
+    folder = model_folder(args.model)
     model, tokenizer, template = load_model(folder)
-    metrics, _ = evaluate_model(model, tokenizer, template, sets, cfg.eval)
+    metrics, _ = evaluate_model(model, tokenizer, template, sets, cfg.eval, judges_for(refs))
     report_dir = args.report_dir or default_report_dir(f"eval-{cfg.profile}")
     md = write_report(report_dir, {args.name or folder.name: metrics})
     print(f"report: {md}")
@@ -204,7 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         torch.manual_seed(args.seed)
     params = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p}
-    if args.model.startswith("models:/"):
+    if args.model.startswith("models:/"):  # through the registered pyfunc, exactly as a serving client
         import mlflow
 
         from midpo.tracking import tracking_uri
@@ -213,18 +245,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         responses = list(mlflow.pyfunc.load_model(args.model).predict(prompts, params=params))
     else:
         from midpo.moe.package import generate, is_moe_folder, load_moe
-        from midpo.storage import ArtifactStore, NotFound, local_copy
 
-        store = ArtifactStore()
-        if args.model.startswith(store.root + "/"):
-            folder = store.fetch(store.key_of(args.model))
-        else:
-            from midpo.models.provision import resolve_model
-
-            try:  # a local path or file:// as it is (a MoE folder has no config.json at its top)
-                folder = local_copy(args.model) if not args.model.startswith("s3://") else resolve_model(args.model)
-            except NotFound:
-                folder = resolve_model(args.model)  # hub ids, package aliases (smollm2), or its clear error
+        folder = model_folder(args.model)
         if is_moe_folder(folder):
             from midpo.moe.package import MoEPackageError
 

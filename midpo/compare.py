@@ -1,7 +1,7 @@
 """``midpo compare``: every method of the comparison on the same data and base, over several seeds.
 
-The shared, seed-independent work runs once: the world, data, base and judges stages, then the one-time
-passes of the experts stage (reference log-probs, response scores) and D_dual, each timed on its own.
+The shared, seed-independent work runs once: the world, data, base, refusal, judges and refs stages, then
+the response scores pass of the experts stage and D_dual, each timed on its own.
 Then, for seed offset ``s`` in ``range(seeds)``, the whole pipeline runs with the training, router and
 evaluation seeds of the profile plus ``s`` and ``training.baselines`` = the requested baselines: the
 shared stages are cache hits, the methods train and every model is evaluated with that seed's sampling.
@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from midpo.config import ConfigError, MidpoConfig
-from midpo.pipeline import JUDGE_METRICS, RunSummary, collect_evals, run_pipeline
+from midpo.pipeline import JUDGE_METRICS, RunSummary, collect_evals, run_pipeline, stages_for
 from midpo.stages import METHODS as ALL_METHODS
 from midpo.storage import ArtifactRef, ArtifactStore
 
 log = logging.getLogger(__name__)
 
-SHARED_STAGES = ("world", "data", "base", "judges")  # seed-independent pipeline stages
+SHARED_STAGES = ("world", "data", "base", "refusal", "judges", "refs")  # seed-independent pipeline stages
 SAMPLE_PROMPTS = 2  # eval prompts per set shown side by side in the report
 COST_KEYS = ("train_seconds", "trainable_params", "pairs_seen")
 
@@ -181,26 +181,35 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
 
 
 def run_shared(cfg: MidpoConfig, with_router: bool) -> dict[str, Any]:
-    """World, data, base and judges (one pipeline run up to the judges), then the experts stage's one-time
-    passes and D_dual, each timed: ``{"seconds": {stage: s}, "cache_hits": [...], "total_seconds": s}``.
+    """World, data, base, the judges and the reference log-probs (one pipeline run up to those), then the
+    response scores and D_dual, each timed: ``{"seconds": {stage: s}, "cache_hits": [...], "total_seconds": s}``.
     The seeds' pipeline runs then find all of them in the artifact store."""
     from midpo.stages import dual_stage
-    from midpo.train.passes import reference_artifact, scores_artifact
+    from midpo.train.passes import scores_artifact
 
-    summary = run_pipeline(cfg, until="judges")
+    summary = run_pipeline(cfg, until=[n for n in ("judges", "refusal", "refs") if n in [s.name for s in stages_for(cfg)]])
     seconds = {name: summary.stage_seconds[name] for name in SHARED_STAGES if name in summary.stage_seconds}
     hits = [name for name in SHARED_STAGES if name in summary.cache_hits]
     out = summary.outputs
     store = ArtifactStore()
-    if all(k in out for k in ("base", "dataset", "reward", "cost")):
-        (_, refs_hit), seconds["refs"] = _timed(reference_artifact, out["base"], out["dataset"], cfg.training, store)
+    if all(k in out for k in ("reward", "cost", "dataset")):
         (scores, scores_hit), seconds["scores"] = _timed(scores_artifact, out["reward"], out["cost"], out["dataset"], store)
-        hits += [n for n, hit in (("refs", refs_hit), ("scores", scores_hit)) if hit]
+        hits += ["scores"] if scores_hit else []
         if with_router and cfg.router is not None:
             dual, seconds["dual"] = _timed(dual_stage, cfg.router, {"dataset": out["dataset"], "scores": scores})
             hits += ["dual"] if dual.cache_hit else []
-    judges = {k: v for k, v in summary.stage_metrics.get("judges", {}).items() if k in JUDGE_METRICS}
+    judges = {k: v for stage in ("judges", "refusal") for k, v in summary.stage_metrics.get(stage, {}).items() if k in JUDGE_METRICS}
     return {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "cache_hits": hits, "total_seconds": round(sum(seconds.values()), 3), "judges": judges}
+
+
+def union_counts(dataset: ArtifactRef) -> dict[str, dict[str, int]]:
+    """What DPO-mix trains on: the training pairs of the safety and helpfulness subsets per prompt kind, and
+    the safety pairs that reappear among the helpfulness pairs with the opposite preference."""
+    from midpo.data.prepare import load_subset
+    from midpo.data.subsets import counts_by_kind, reversed_pairs
+
+    safety, helpfulness = (load_subset(dataset, name, "train").to_list() for name in ("safety", "helpfulness"))
+    return {"safety": counts_by_kind(safety), "helpfulness": counts_by_kind(helpfulness), "reversed": counts_by_kind(reversed_pairs(safety, helpfulness))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +312,8 @@ def run_compare(cfg: MidpoConfig, methods: list[str] | None, seeds: int, report_
         "cache_hits": shared["cache_hits"],
         "per_seed": runs,
     }
+    if "dpo-mix" in names:
+        metrics["run"]["union"] = union_counts(summaries[0].outputs["dataset"])
     samples = side_by_side(summaries[0].outputs, names)
     kinds = set_kinds(metrics)
     heatmaps = gate_heatmaps(summaries[0].outputs["midpo"], samples, kinds, report_dir) if "midpo" in summaries[0].outputs else {}

@@ -1,8 +1,10 @@
-"""The pipeline as one ordered list of stages (pipeline.md), run in-process by ``midpo run``.
+"""The pipeline as a graph of stages (pipeline.md), run in-process by ``midpo run``.
 
-A stage is a plain function: its own config section and the references produced so far in, output
-references and small metrics out. Outputs land under the artifact root keyed by their inputs' versions,
-so a rerun with unchanged inputs is a cache hit.
+A stage is a plain function: its own config section and the references its upstream stages produced in,
+output references and small metrics out. Outputs land under the artifact root keyed by their inputs'
+versions, so a rerun with unchanged inputs is a cache hit. Independent stages run at once (the refusal
+judge beside the base, the experts' evaluations beside the router): each stage thread spends its time in
+torch kernels or in the child processes it launches, so threads are enough to keep the cores busy.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,19 +36,24 @@ class Stage:
     name: str
     section: str  # the only config section the stage receives; a profile without it skips the stage
     run: Callable[[Any, dict[str, ArtifactRef], bool], StageOutput]  # (section, inputs, dry_run)
+    needs: tuple[str, ...] = ()  # the stages whose outputs it reads (those the profile runs)
 
 
+# In an order that respects ``needs`` (the order of a one-at-a-time run and of --dry-run's plan).
 STAGES: list[Stage] = [
     Stage("world", "world", stages.world_stage),
-    Stage("data", "data", stages.data_stage),
-    Stage("base", "base", stages.base_stage),
-    Stage("judges", "judges", stages.judges_stage),
-    Stage("experts", "training", stages.experts_stage),
-    Stage("dual", "router", stages.dual_stage),
-    Stage("router", "router", stages.router_stage),
-    Stage("moe", "router", stages.moe_stage),
-    Stage("eval", "eval", stages.eval_stage),
-    Stage("register", "registry", stages.register_stage),
+    Stage("data", "data", stages.data_stage, ("world",)),
+    Stage("base", "base", stages.base_stage, ("world",)),
+    Stage("refusal", "judges", stages.refusal_stage, ("world",)),
+    Stage("judges", "judges", stages.judges_stage, ("data", "base")),
+    Stage("refs", "training", stages.refs_stage, ("data", "base")),
+    Stage("experts", "training", stages.experts_stage, ("data", "base", "judges", "refs")),
+    Stage("dual", "router", stages.dual_stage, ("experts",)),
+    Stage("router", "router", stages.router_stage, ("dual", "experts")),
+    Stage("moe", "router", stages.moe_stage, ("router",)),
+    Stage("eval", "eval", stages.eval_stage, ("judges", "refusal", "experts")),  # base, experts, baselines: beside the router
+    Stage("eval-midpo", "eval", stages.eval_stage, ("eval", "moe")),  # the MoE, against the same base samples
+    Stage("register", "registry", stages.register_stage, ("moe", "eval-midpo")),
 ]
 
 
@@ -77,67 +85,116 @@ def default_report_dir(profile: str) -> Path:
 
 def apply_runtime(run: RunConfig) -> None:
     """Process-wide settings of a profile (torch threads) before any stage computes; child processes
-    (the experts) inherit them through OMP_NUM_THREADS."""
-    if run.torch_threads:
-        import torch
+    inherit them through OMP_NUM_THREADS and split them (midpo.parallel)."""
+    import torch
 
-        os.environ["OMP_NUM_THREADS"] = str(run.torch_threads)
-        torch.set_num_threads(run.torch_threads)
+    threads = run.torch_threads or len(os.sched_getaffinity(0))  # the cores this process may run on
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
-def stages_for(cfg: MidpoConfig, until: str | None = None) -> list[Stage]:
-    """The stages this profile runs, in order: those whose config section it has, up to ``until``."""
+def stages_for(cfg: MidpoConfig, until: str | Sequence[str] | None = None) -> list[Stage]:
+    """The stages this profile runs (those whose config section it has), in :data:`STAGES` order: all of
+    them, or the ``until`` stage(s) and everything upstream of them."""
     names = [s.name for s in STAGES]
-    if until is not None and until not in names:
-        raise ValueError(f"unknown stage {until!r}: one of {', '.join(names)}")
-    last = names.index(until) if until else len(names) - 1
-    return [s for s in STAGES[: last + 1] if getattr(cfg, s.section) is not None]
+    targets = [until] if isinstance(until, str) else list(until or [])
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ValueError(f"unknown stage {', '.join(map(repr, unknown))}: one of {', '.join(names)}")
+    present = {s.name: s for s in STAGES if getattr(cfg, s.section) is not None}
+    keep = set(present) if until is None else set(targets).union(*(upstream(t, present) for t in targets))
+    return [s for s in present.values() if s.name in keep]
 
 
-def execute_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """Run one stage on its own config section, tracked as an MLflow run (nested under an active parent)."""
+def upstream(name: str, graph: dict[str, Stage]) -> set[str]:
+    """Every stage ``name`` depends on, directly or not (among those in ``graph``)."""
+    out: set[str] = set()
+    todo = [n for n in graph[name].needs if n in graph] if name in graph else []
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo += [m for m in graph[n].needs if m in graph]
+    return out
+
+
+def execute_stage(
+    stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False, parent_run_id: str | None = None
+) -> StageOutput:
+    """Run one stage on its own config section, tracked as an MLflow run (nested under ``parent_run_id``)."""
     section = getattr(cfg, stage.section)
     if dry_run:
         return stage.run(section, dict(inputs), True)
     t0 = time.perf_counter()
-    with tracking.stage_run(cfg.run.experiment, stage.name, params={stage.section: dataclasses.asdict(section)}) as mlflow:
+    params = {stage.section: dataclasses.asdict(section)}
+    with tracking.stage_run(cfg.run.experiment, stage.name, params=params, parent_run_id=parent_run_id) as mlflow:
         out = stage.run(section, dict(inputs), False)
         mlflow.log_metrics({**out.metrics, "cache_hit": float(out.cache_hit)})
         for name, uri in out.curves.items():  # on a cache hit too: the history is part of the artifact
             tracking.log_curves(cfg.run.experiment, name, uri)
     seconds = time.perf_counter() - t0
     budget = cfg.run.stage_budgets.get(stage.name)
+    status = "cache hit" if out.cache_hit else "done"
     if budget is not None and seconds > budget:
-        log.warning("stage %s took %.1f s, over its budget of %.1f s", stage.name, seconds, budget)
+        log.warning("stage %s: %s in %.1f s, over its budget of %.0f s", stage.name, status, seconds, budget)
+    else:
+        log.info("stage %s: %s in %.1f s%s", stage.name, status, seconds, f" (budget {budget:.0f} s)" if budget is not None else "")
     return out
 
 
-def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool = False, until: str | None = None) -> RunSummary:
-    """Run the profile's stages in order (up to ``until``); ``dry_run`` only resolves the plan and the cache hits.
+def run_graph(plan: list[Stage], run_one: Callable[[Stage, dict[str, ArtifactRef]], StageOutput], workers: int) -> dict[str, StageOutput]:
+    """Run every stage of ``plan`` once its upstream stages are done, at most ``workers`` at once; each gets
+    the outputs of its upstream stages only (what ran beside it never leaks in). A failure stops new
+    stages from starting; those running finish and keep what they published."""
+    graph = {s.name: s for s in plan}
+    done: dict[str, StageOutput] = {}
+
+    def inputs_of(stage: Stage) -> dict[str, ArtifactRef]:
+        return {k: v for n in sorted(upstream(stage.name, graph)) for k, v in done[n].outputs.items()}
+
+    pending = list(plan)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stage") as pool:
+        running: dict[Future[StageOutput], Stage] = {}
+        while pending or running:
+            for stage in [s for s in pending if all(n in done for n in s.needs if n in graph)][: max(1, workers) - len(running)]:
+                pending.remove(stage)
+                running[pool.submit(run_one, stage, inputs_of(stage))] = stage
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future).name] = future.result()  # a failure raises here; the pool drains
+    return done
+
+
+def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool = False, until: str | Sequence[str] | None = None) -> RunSummary:
+    """Run the profile's stages (up to ``until``); ``dry_run`` only resolves the plan and the cache hits.
 
     With a ``report_dir``, the report goes there: metrics.json (interfaces.md), report.md and plots.
     """
     start = time.perf_counter()
     apply_runtime(cfg.run)
-    refs: dict[str, ArtifactRef] = {}
+    plan = stages_for(cfg, until)
     seconds: dict[str, float] = {}
-    metrics: dict[str, dict[str, float]] = {}
-    hits: list[str] = []
-    stages = stages_for(cfg, until)
     parent = nullcontext() if dry_run else tracking.stage_run(cfg.run.experiment, "pipeline", params={"profile": cfg.profile})
-    with parent:
-        for i, stage in enumerate(stages, 1):
-            log.info("stage %d/%d: %s", i, len(stages), stage.name)
+    with parent as parent_run:
+        parent_id = parent_run.active_run().info.run_id if parent_run is not None else None
+
+        def run_one(stage: Stage, inputs: dict[str, ArtifactRef]) -> StageOutput:
+            log.info("stage %d/%d: %s", [s.name for s in plan].index(stage.name) + 1, len(plan), stage.name)
             t0 = time.perf_counter()
-            out = execute_stage(stage, cfg, refs, dry_run)
+            out = execute_stage(stage, cfg, inputs, dry_run, parent_id)
             seconds[stage.name] = time.perf_counter() - t0
-            refs.update(out.outputs)
-            metrics[stage.name] = out.metrics
-            if out.cache_hit:
-                hits.append(stage.name)
+            return out
+
+        done = run_graph(plan, run_one, 1 if dry_run else cfg.run.stage_workers)
+    refs = {k: v for s in plan for k, v in done[s.name].outputs.items()}
+    metrics = {s.name: done[s.name].metrics for s in plan}
+    hits = [s.name for s in plan if done[s.name].cache_hit]
+    seconds = {s.name: seconds[s.name] for s in plan}
     summary = RunSummary(cfg.profile, refs, seconds, hits, metrics, time.perf_counter() - start, None if dry_run else report_dir)
+    if not dry_run and cfg.run.budget is not None and summary.wall_seconds > cfg.run.budget:
+        log.warning("the run took %.1f s, over its budget of %.0f s (run.budget)", summary.wall_seconds, cfg.run.budget)
     if summary.report_dir is not None:
-        judges = {k: v for k, v in metrics.get("judges", {}).items() if k in JUDGE_METRICS}
+        judges = {k: v for stage in ("judges", "refusal") for k, v in metrics.get(stage, {}).items() if k in JUDGE_METRICS}
         write_report(summary.report_dir, {**collect_evals(refs), **({"judges": judges} if judges else {}), "run": summary.run_section()})
     return summary
 

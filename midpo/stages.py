@@ -28,6 +28,7 @@ from midpo.config import (
 from midpo.data.prepare import prepare
 from midpo.data.schema import content_hash
 from midpo.models.tiny import base_key
+from midpo.parallel import run_jobs
 from midpo.storage import ArtifactRef, ArtifactStore, local_copy
 from midpo.world import EVAL_SETS, vocabulary
 from midpo.world.artifact import EVAL_DIR, SFT, build_world
@@ -100,51 +101,62 @@ def base_stage(cfg: BaseConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
     store = ArtifactStore()
     if dry_run:
         key = base_key(cfg.tiny, examples, vocabulary())
-        return StageOutput({"base": ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])}, {}, store.is_complete(key))
+        return StageOutput({"base": store.ref(key)}, {}, store.is_complete(key))
     ref, metrics, hit = build_base(cfg.tiny, examples, store, vocabulary())
     return StageOutput({"base": ref}, metrics, hit)
 
 
 def judges_stage(cfg: JudgesConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """Reward and cost models on the base (margins, evaluation) and the refusal classifier (evaluation).
+    """Reward and cost models on the base (margins, evaluation), one after another in-process with every
+    core, or ``cfg.parallel`` at a time in child processes.
 
     Held-out accuracies: against the dataset's own labels (``*_noisy``) and, on the world, the oracle's
-    clean labels. The refusal judge never trains on a prompt of the world's eval sets.
+    clean labels.
     """
-    from midpo.judges.refusal import judges_metrics, train_refusal_judge
-    from midpo.judges.score import (
-        evaluate_score_models,
-        score_model_ref,
-        train_score_model,
-    )
+    from midpo.judges.score import evaluate_score_models, score_model_ref, train_score_model
     from midpo.world import clean_labels
 
     base, dataset = _need(inputs, "base", "judges"), _need(inputs, "dataset", "judges")
     store = ArtifactStore()
+    jobs = {kind: (kind, getattr(cfg, kind), base, dataset) for kind in ("reward", "cost")}
+    refs = {kind: score_model_ref(*job, store) for kind, job in jobs.items()}
     if dry_run:
-        refs = {kind: score_model_ref(kind, getattr(cfg, kind), base, dataset, store) for kind in ("reward", "cost")}
         return StageOutput(refs, {}, all(store.is_complete(store.key_of(r.uri)) for r in refs.values()))
-    reward, _, reward_hit = train_score_model("reward", cfg.reward, base, dataset, store)
-    cost, _, cost_hit = train_score_model("cost", cfg.cost, base, dataset, store)
+    todo = {kind: job for kind, job in jobs.items() if not store.is_complete(store.key_of(refs[kind].uri))}
+    trained = {kind: train_score_model(*job) for kind, job in jobs.items() if kind not in todo}  # cache hits, in-process
+    trained.update(run_jobs(train_score_model, todo, cfg.parallel))
+    (reward, _, reward_hit), (cost, _, cost_hit) = trained["reward"], trained["cost"]
+    metrics = evaluate_score_models(reward, cost, dataset, store, oracle=clean_labels if "world" in inputs else None)
+    return StageOutput({"reward": reward, "cost": cost}, {k: v for k, v in metrics.items() if not math.isnan(v)}, reward_hit and cost_hit)
+
+
+def refusal_stage(cfg: JudgesConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The refusal classifier (evaluation), independent of the base: it never trains on a prompt of an eval
+    set it may judge (the world's, the XSTest eval half). A profile with ``judges.refusal: null`` has none."""
+    from midpo.eval.sets import build_eval_sets, xstest_eval_prompts
+    from midpo.judges.refusal import judges_metrics, train_refusal_judge
+
+    if cfg.refusal is None:
+        return StageOutput({}, {}, True)
     world = inputs.get("world")
-    metrics = evaluate_score_models(reward, cost, dataset, store, oracle=clean_labels if world else None)
-    outputs, hits = {"reward": reward, "cost": cost}, [reward_hit, cost_hit]
-    if cfg.refusal is not None:
-        eval_prompts = [p for es in world_eval_sets(world, list(EVAL_SETS)) for p in es.prompts] if world else []
-        refusal, refusal_metrics, refusal_hit = train_refusal_judge(cfg.refusal, store, exclude_prompts=set(eval_prompts))
-        outputs["refusal"], hits = refusal, [*hits, refusal_hit]
-        metrics.update(judges_metrics(refusal_metrics))
-    return StageOutput(outputs, {k: v for k, v in metrics.items() if not math.isnan(v)}, all(hits))
+    exclude = [p for es in build_eval_sets(list(EVAL_SETS), {"world": world}) for p in es.prompts] if world else []
+    exclude += xstest_eval_prompts()
+    ref, metrics, hit = train_refusal_judge(cfg.refusal, ArtifactStore(), exclude_prompts=set(exclude), dry_run=dry_run)
+    return StageOutput({"refusal": ref}, judges_metrics(metrics), hit)
 
 
-def world_eval_sets(world: ArtifactRef, names: list[str]) -> list[Any]:
-    """The named world eval sets from the world artifact (unseen (template, entity) combinations)."""
-    from midpo.eval.evaluate import EvalSet
+def refs_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The base's reference log-probs of both responses of every pair, shared by every method and the router;
+    it needs no judge, so it runs beside them."""
+    from midpo.train.passes import reference_artifact, reference_key
 
-    unknown = [n for n in names if n not in EVAL_SETS]
-    if unknown:
-        raise ConfigError(f"eval.sets: {', '.join(unknown)} not available in this profile (world sets: {', '.join(EVAL_SETS)})")
-    return [EvalSet(n, EVAL_SETS[n], [r["prompt"] for r in _read_jsonl(f"{world.uri}/{EVAL_DIR}/{n}.jsonl")]) for n in names]
+    base, dataset = _need(inputs, "base", "refs"), _need(inputs, "dataset", "refs")
+    store = ArtifactStore()
+    if dry_run:
+        key, _ = reference_key(base, dataset, cfg)
+        return StageOutput({"refs": store.ref(key)}, {}, store.is_complete(key))
+    ref, hit = reference_artifact(base, dataset, cfg, store)
+    return StageOutput({"refs": ref}, {}, hit)
 
 
 def experts_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
@@ -257,71 +269,106 @@ def moe_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool =
 METHODS = ("base", "safety-expert", "helpfulness-expert", "midpo", "merge-half", "dpo-helpful", "dpo-harmless", "dpo-mix", "safedpo", "bfpo", "modpo")
 
 
-def _score_judges(inputs: dict[str, ArtifactRef]) -> Any:
-    """The reward and cost models of the judges stage, loaded lazily once, as evaluation judges."""
-    from midpo.eval.evaluate import ScoreJudges
+def judges_for(inputs: dict[str, ArtifactRef]) -> Any:
+    """The judges stage's reward, cost and refusal models, loaded once, as evaluation judges."""
+    from midpo.eval.evaluate import Judges
+    from midpo.judges.refusal import RefusalJudge
     from midpo.judges.scorer import Scorer
 
     store = ArtifactStore()
-    loaded = {k: Scorer.load(store.fetch(store.key_of(inputs[k].uri))) for k in ("reward", "cost") if k in inputs}
-    return ScoreJudges(**loaded) if loaded else None
+    loaded: dict[str, Any] = {k: Scorer.load(store.fetch(store.key_of(inputs[k].uri))) for k in ("reward", "cost") if k in inputs}
+    if "refusal" in inputs:
+        loaded["refusal"] = RefusalJudge.load(store.fetch(store.key_of(inputs["refusal"].uri)))
+    return Judges(**loaded) if loaded else None
 
 
-def evaluate_ref(
-    method: str,
-    model: ArtifactRef,
-    sets: list[Any],
-    cfg: EvalConfig,
-    data_version: str,
-    dry_run: bool = False,
-    base: ArtifactRef | None = None,
-    judges: dict[str, ArtifactRef] | None = None,
-) -> tuple[ArtifactRef, dict[str, Any], bool]:
-    """Evaluate a model once per (model version, eval sets, judges, protocol): ``evals/<method>/<hash>``.
-    An adapter (a folder with adapter_config.json) is merged into ``base`` for generation."""
-    from midpo.eval.evaluate import evaluate_model
+@dataclass(frozen=True)
+class EvalJob:
+    """One model's evaluation: everything its figures depend on, and where they land (``evals/<method>/<hash>``)."""
+
+    method: str
+    model: ArtifactRef
+    sets: list[Any]  # EvalSet
+    cfg: EvalConfig
+    base: ArtifactRef | None  # an adapter is merged into it for generation
+    judges: dict[str, ArtifactRef]
+    reference: ArtifactRef | None = None  # the base's evaluation: the samples win_rate_vs_base compares with
+
+    @property
+    def key(self) -> str:
+        versions = {
+            "model": self.model.version,
+            "sets": content_hash([[es.name, es.kind, es.prompts] for es in self.sets]),
+            "judges": {k: v.version for k, v in self.judges.items()},
+            "reference": self.reference.version if self.reference else None,
+            "eval": self.cfg.protocol(),
+        }
+        return f"evals/{self.method}/{content_hash(versions)[:16]}"
+
+
+def run_eval_job(job: EvalJob) -> tuple[ArtifactRef, dict[str, Any], bool]:
+    """Evaluate one model once: ``(ref, metrics, cache_hit)``."""
+    from midpo.eval.evaluate import evaluate_model, reference_values
     from midpo.models.load import load_model, load_with_adapter
 
     store = ArtifactStore()
-    judges = judges or {}
-    versions = {"model": model.version, "sets": data_version, "judges": {k: v.version for k, v in judges.items()}, "eval": dataclasses.asdict(cfg)}
-    version = content_hash(versions)[:16]
-    key = f"evals/{method}/{version}"
-    ref = ArtifactRef(store.uri(key), version)
-    if store.is_complete(key):
-        return ref, json.loads((store.fetch(key) / "metrics.json").read_text()), True
-    if dry_run:
-        return ref, {}, False
-    folder = store.fetch(store.key_of(model.uri))
+    if store.is_complete(job.key):
+        return store.ref(job.key), json.loads((store.fetch(job.key) / "metrics.json").read_text()), True
+    folder = store.fetch(store.key_of(job.model.uri))
     if (folder / "adapter_config.json").is_file():
-        if base is None:
-            raise ConfigError(f"{method}: {model.uri} is an adapter; its base is needed to evaluate it")
-        lm, tokenizer, template = load_with_adapter(store.fetch(store.key_of(base.uri)), folder)
+        if job.base is None:
+            raise ConfigError(f"{job.method}: {job.model.uri} is an adapter; its base is needed to evaluate it")
+        lm, tokenizer, template = load_with_adapter(store.fetch(store.key_of(job.base.uri)), folder)
     else:
         lm, tokenizer, template = load_model(folder)
-    metrics, samples = evaluate_model(lm, tokenizer, template, sets, cfg, _score_judges(judges))
+    reference = None
+    if job.reference is not None:
+        reference = reference_values(_read_jsonl(f"{job.reference.uri}/samples.jsonl"))
+    metrics, samples = evaluate_model(lm, tokenizer, template, job.sets, job.cfg, judges_for(job.judges), reference)
     with tempfile.TemporaryDirectory(prefix="midpo-eval-") as tmp:
         out = Path(tmp)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-        ref = store.publish(out, key, metadata={"method": method, "model": dataclasses.asdict(model)})
+        ref = store.publish(out, job.key, metadata={"method": job.method, "model": dataclasses.asdict(job.model)})
     return ref, metrics, False
 
 
 def eval_stage(cfg: EvalConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """Evaluate every model the pipeline has produced (:data:`METHODS`) on the eval sets."""
-    world = _need(inputs, "world", "eval")
-    sets = world_eval_sets(world, cfg.sets)
-    outputs: dict[str, ArtifactRef] = {}
-    flat: dict[str, float] = {}
-    hits = []
-    for method in (m for m in METHODS if m in inputs):
-        judges = {k: inputs[k] for k in ("reward", "cost") if k in inputs}
-        ref, metrics, hit = evaluate_ref(method, inputs[method], sets, cfg, world.version, dry_run, base=inputs.get("base"), judges=judges)
+    """Evaluate every model among the inputs (:data:`METHODS`) that has no evaluation there yet, on the eval
+    sets: the base first (its samples are the reference of the others' ``win_rate_vs_base``), then the
+    others ``cfg.parallel`` at a time in child processes. The pipeline runs it twice: for the base, experts
+    and baselines while the router trains, then for the MoE."""
+    from midpo.eval.sets import build_eval_sets
+
+    sets = build_eval_sets(cfg.sets, inputs)
+    judges = {k: inputs[k] for k in ("reward", "cost", "refusal") if k in inputs}
+    methods = [m for m in METHODS if m in inputs and f"eval/{m}" not in inputs]
+    store = ArtifactStore()
+
+    def job(method: str, reference: ArtifactRef | None = None) -> EvalJob:
+        return EvalJob(method, inputs[method], sets, cfg, inputs.get("base"), judges, reference)
+
+    def planned(j: EvalJob) -> tuple[ArtifactRef, dict[str, Any], bool]:
+        return store.ref(j.key), {}, store.is_complete(j.key)
+
+    results: dict[str, tuple[ArtifactRef, dict[str, Any], bool]] = {}
+    reference = inputs.get("eval/base")
+    if "base" in methods:
+        results["base"] = planned(job("base")) if dry_run else run_eval_job(job("base"))
+        reference = results["base"][0]
+    jobs = {m: job(m, reference) for m in methods if m != "base"}
+    if dry_run:
+        results.update({m: planned(j) for m, j in jobs.items()})
+    else:
+        todo = {m: (j,) for m, j in jobs.items() if not store.is_complete(j.key)}
+        results.update({m: run_eval_job(j) for m, j in jobs.items() if m not in todo})  # cache hits, in-process
+        results.update(run_jobs(run_eval_job, todo, cfg.parallel))
+    outputs, flat = {}, {}
+    for method in methods:  # in METHODS order
+        ref, metrics, _ = results[method]
         outputs[f"eval/{method}"] = ref
-        hits.append(hit)
         flat.update({f"{method}.{s}.{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)})
-    return StageOutput(outputs, flat, all(hits))
+    return StageOutput(outputs, flat, all(hit for _, _, hit in results.values()))
 
 
 LINEAGE = ("dataset", "base", "safety-expert", "helpfulness-expert", "router", "midpo")

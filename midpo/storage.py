@@ -128,6 +128,10 @@ class ArtifactStore:
     def uri(self, key: str) -> str:
         return f"{self.root}/{key.strip('/')}"
 
+    def ref(self, key: str) -> ArtifactRef:
+        """The reference of the artifact at ``key`` (its version is the key's last part)."""
+        return ArtifactRef(self.uri(key), key.rsplit("/", 1)[-1])
+
     def _local(self, key: str) -> Path:
         return Path(urlparse(self.uri(key)).path)
 

@@ -52,13 +52,19 @@ def _experiment_id(name: str) -> str:
 
 
 @contextmanager
-def stage_run(experiment: str, stage: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage; nested when a parent run is active. Yields the ``mlflow`` module."""
+def stage_run(
+    experiment: str, stage: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, parent_run_id: str | None = None
+) -> Iterator[Any]:
+    """An MLflow run for one stage; nested under ``parent_run_id`` (a stage in another thread: MLflow's active
+    run is per thread), else under the active run if any. Yields the ``mlflow`` module."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(experiment_id=_experiment_id(experiment), run_name=stage, nested=nested, tags={"midpo.stage": stage, **(tags or {})}):
+    nested = parent_run_id is not None or mlflow.active_run() is not None
+    run = mlflow.start_run(
+        experiment_id=_experiment_id(experiment), run_name=stage, nested=nested, parent_run_id=parent_run_id, tags={"midpo.stage": stage, **(tags or {})}
+    )
+    with run:
         if params:
             mlflow.log_params(_flatten(params))
         yield mlflow

@@ -14,6 +14,7 @@ from midpo.cli import main
 from midpo.compare import aggregate_seeds, pairs_seen, resolve_methods, seed_config
 from midpo.config import ConfigError, load_config
 from midpo.eval.report import pareto_data, pareto_front, plot_pareto
+from midpo.storage import ArtifactStore
 
 torch.set_num_threads(1)
 
@@ -77,7 +78,7 @@ def test_costs_count_shared_stages_once(compared):
         assert costs["midpo"][key] > sum(c[key] for c in experts)  # + its router
     assert costs["midpo"]["pairs_seen"] == 72 and costs["midpo"]["includes"] == ["safety-expert", "helpfulness-expert", "router"]
     shared = costs["shared"]
-    assert list(shared["seconds"]) == ["world", "data", "base", "judges", "refs", "scores", "dual"]
+    assert list(shared["seconds"]) == ["world", "data", "base", "refusal", "judges", "refs", "scores", "dual"]
     assert shared["cache_hits"] == []  # a fresh MIDPO_HOME: this comparison paid for them, once
     assert shared["seconds"]["base"] > 0 and shared["total_seconds"] == pytest.approx(sum(shared["seconds"].values()), abs=0.01)
 
@@ -135,6 +136,31 @@ def test_report_has_tables_costs_samples_and_heatmap(compared):
     assert "(seed-1/report.md)" in md and (report / "seed-1" / "report.md").is_file()
 
 
+def test_report_says_where_midpo_stands_and_why_the_union_conflicts(compared):
+    """The standing table is the relation of the plotted means; the union counts match the subsets by hand."""
+    from midpo.data.prepare import load_subset
+    from midpo.eval.report import _relation
+
+    report, m, _ = compared
+    md = (report / "report.md").read_text()
+    standing = md.split("## Where MidPO stands")[1].split("## Training cost")[0]
+    data = pareto_data(m)
+    me = data.points["midpo"]
+    beaten = [k for k, p in data.points.items() if k != "midpo" and _relation(me, p) == "is dominated by"]
+    assert ("not Pareto-dominated by any method" in standing) == (not beaten)
+    for method in METHODS[:3] + METHODS[4:]:
+        row = next(line for line in standing.splitlines() if line.startswith(f"| {method} |"))
+        assert f"| {_relation(me, data.points[method])} |" in row
+    assert "- **dpo-mix**: MidPO" in standing and "- **merge-half**: MidPO" in standing
+    union = m["run"]["union"]
+    ref = ArtifactStore().ref(f"datasets/{m['run']['dataset_version']}")
+    safety, helpful = (load_subset(ref, n, "train").to_list() for n in ("safety", "helpfulness"))
+    chosen = {r["pair_id"]: r["chosen_index"] for r in helpful}
+    assert union["safety"]["total"] == len(safety) and union["helpfulness"]["total"] == len(helpful)
+    assert union["reversed"]["total"] == sum(r["pair_id"] in chosen and chosen[r["pair_id"]] != r["chosen_index"] for r in safety) > 0
+    assert f"{union['reversed']['total']:,} of the safety pairs" in standing
+
+
 # --------------------------------------------------------------------------------------------------
 # Without a pipeline
 
@@ -168,6 +194,23 @@ def test_pareto_front_on_hand_made_points(tmp_path):
     assert drawn["front_line"] == [points[m] for m in data.front] and drawn["front_drawstyle"] == "steps-pre"
     _assert_real_png(tmp_path / "pareto.png")
     assert pareto_data({"base": {"world-benign": {"oracle_helpfulness": 0.5}}}) is None  # no harmful set: no plot
+
+
+def test_pareto_labels_of_close_points_do_not_overlap(tmp_path):
+    """The tiny comparison's figures, where safedpo/bfpo and helpfulness-expert/modpo crowd each other."""
+    points = {
+        "base": (0.828, 0.307), "safety-expert": (0.693, 0.872), "helpfulness-expert": (0.860, 0.035), "midpo": (0.857, 0.849),
+        "merge-half": (0.849, 0.274), "dpo-helpful": (0.840, 0.009), "dpo-harmless": (0.685, 0.875), "dpo-mix": (0.809, 0.122),
+        "safedpo": (0.409, 0.998), "bfpo": (0.486, 0.997), "modpo": (0.724, 0.035),
+    }  # fmt: skip
+    metrics = {
+        m: {"world-harmful": {"oracle_safety_rate": y}, "world-benign": {"oracle_helpfulness": x}} for m, (x, y) in points.items()
+    } | {"run": {"seeds": 3}}
+    boxes = list(plot_pareto(pareto_data(metrics), tmp_path / "pareto.png")["labels"].values())
+    assert len(boxes) == len(points)
+    for i, (ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for bx0, by0, bx1, by1 in boxes[i + 1 :]:
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, "two labels overlap"
 
 
 def test_aggregate_seeds_by_hand():

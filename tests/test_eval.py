@@ -93,13 +93,69 @@ class _LengthScorer:
         return [len(r.split()) - 3.0 for r in responses]
 
 
-def test_score_judges_per_kind_and_judge_names():
-    from midpo.eval.evaluate import ScoreJudges
+class _SorryJudge:
+    """A stand-in refusal classifier: a response refuses when it starts with "sorry"."""
 
-    judges = ScoreJudges(reward=_LengthScorer(), cost=_LengthScorer())
-    values, judge = judges.values("harmful", ["p", "q"], [["a b", "a b c d e"], ["a"]])
+    def is_refusal(self, prompts, responses):
+        return [r.startswith("sorry") for r in responses]
+
+
+def test_judges_per_kind_and_judge_names():
+    from midpo.eval.evaluate import EvalSet, Judges
+
+    judges = Judges(reward=_LengthScorer(), cost=_LengthScorer(), refusal=_SorryJudge())
+    world_harmful = EvalSet("world-harmful", "harmful", ["p", "q"])
+    values, judge = judges.values(world_harmful, ["p", "q"], [["a b", "a b c d e"], ["a"]])
     assert judge == {"safety_rate": "cost-model", "mean_cost": "cost-model"}
     assert values["safety_rate"] == [[1.0, 0.0], [1.0]] and values["mean_cost"] == [[-1.0, 2.0], [-2.0]]
-    values, judge = judges.values("benign", ["p"], [["a b c d"]])
+    # the world has the exact oracle beside it: no refusal classifier there; elsewhere it judges over-refusal
+    values, judge = judges.values(EvalSet("world-benign", "benign", ["p"]), ["p"], [["sorry b c d"]])
     assert judge == {"helpfulness": "reward-model"} and values["helpfulness"] == [[1.0]]
-    assert ScoreJudges().values("benign", ["p"], [["x"]]) == ({}, {})
+    values, judge = judges.values(EvalSet("xstest-safe", "borderline", ["p"], world=False), ["p"], [["sorry b c d", "fine"]])
+    assert judge == {"helpfulness": "reward-model", "over_refusal_rate": "refusal-classifier"}
+    assert values["over_refusal_rate"] == [[1.0, 0.0]]
+    # XSTest's unsafe prompts: safe means refused, read by the refusal classifier; the cost model still gives mean_cost
+    unsafe = EvalSet("xstest-unsafe", "harmful", ["p"], world=False, safety_judge="refusal-classifier")
+    values, judge = judges.values(unsafe, ["p"], [["sorry no", "a b c d e"]])
+    assert judge == {"mean_cost": "cost-model", "safety_rate": "refusal-classifier"}
+    assert values["safety_rate"] == [[1.0, 0.0]]
+    assert Judges().values(world_harmful, ["p"], [["x"]]) == ({}, {})
+
+
+def test_win_rates_against_the_reference_samples():
+    from midpo.eval.evaluate import win_rates
+
+    # prompt 1: 2 beats both 1s, 1 ties both (0.5); prompt 2: 0 loses to 3
+    assert win_rates([[2.0, 1.0], [0.0]], [[1.0, 1.0], [3.0]]) == [[1.0, 0.5], [0.0]]
+    with pytest.raises(ValueError):
+        win_rates([[1.0]], [[1.0], [2.0]])
+
+
+def test_evaluate_set_breaks_down_by_category_and_scores_win_rate():
+    """A real (non-world) set end to end on the tiny-ci base: categories, judges, win rate against a reference."""
+    from midpo.eval.evaluate import EvalSet, Judges, evaluate_set
+    prompts = [p.prompt for p in eval_prompts(WorldConfig(), "benign", 4)]
+    es = EvalSet("mine", "benign", prompts, world=False, categories=["a", "b", "a", None])
+    cfg = EvalConfig(n_per_set=4, samples_per_prompt=2, max_new_tokens=4, batch_size=8, n_boot=50)
+    model, tok, tpl = _untrained_world_model(prompts + ["sorry ."])
+    reference = {p: [0.0, 0.0] for p in prompts}
+    metrics, records = evaluate_set(model, tok, tpl, es, cfg, Judges(reward=_LengthScorer(), refusal=_SorryJudge()), reference)
+    assert set(metrics["by_category"]) == {"a", "b"} and metrics["by_category"]["a"]["n"] == 2
+    assert "oracle_helpfulness" not in metrics and "p_correct" not in metrics
+    helpful = [v for r in records for v in r["values"]["helpfulness"]]
+    expected = sum(1.0 if h > 0 else 0.5 if h == 0 else 0.0 for h in helpful) / len(helpful)
+    assert metrics["win_rate_vs_base"] == pytest.approx(expected)
+    a = [v for r, c in zip(records, es.categories) if c == "a" for v in r["values"]["helpfulness"]]
+    assert metrics["by_category"]["a"]["helpfulness"] == pytest.approx(sum(a) / len(a))
+    assert metrics["judge"]["win_rate_vs_base"] == "reward-model" and "helpfulness_greedy" in metrics
+
+
+def _untrained_world_model(texts):
+    """An untrained 2-layer Llama over a world tokenizer: real generation, arbitrary text."""
+    from midpo.models.template import WorldTemplate
+    from midpo.models.tiny import TinyBaseConfig, build_tiny_model
+    from midpo.models.tokenizer import prepare_tokenizer, train_world_tokenizer
+
+    tok = prepare_tokenizer(train_world_tokenizer(texts))
+    cfg = TinyBaseConfig(hidden_size=16, num_layers=2, intermediate_size=32, num_heads=2)
+    return build_tiny_model(cfg, tok), tok, WorldTemplate()

@@ -8,6 +8,7 @@ import pytest
 from midpo.cli import main
 from midpo.config import load_config
 from midpo.pipeline import stages_for
+from midpo.storage import ArtifactStore
 from midpo.tracking import tracking_uri
 
 
@@ -20,7 +21,7 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert_metrics_structure(metrics)
     run = metrics["run"]
     assert run["profile"] == "tiny-ci" and len(run["dataset_version"]) == 16
-    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval", "register"]
+    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     assert run["cache_hits"] == []
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
@@ -44,11 +45,26 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
 
     assert main(["run", "--profile", "tiny-ci", "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert all(f"{name:10s} cache hit" in plan for name in ("world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval", "register")), plan
+    assert all(f"{name:10s} cache hit" in plan for name in ("world", "data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register")), plan
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
     assert [v.version for v in client.search_model_versions("name = 'midpo'")] == [version.version]  # a rerun registers nothing new
-    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "judges", "experts", "dual", "router", "moe", "eval", "register"]
+    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     assert (report / "report.md").is_file() and (report / "oracle.png").is_file()
+
+    # `midpo eval`: the registered MoE by alias on the profile's sets, then the base on a prompt file outside the world
+    assert main(["eval", "--model", "models:/midpo@challenger", "--profile", "tiny-ci", "--name", "champ", "--report-dir", str(tmp_path / "e1")]) == 0
+    by_alias = json.loads((tmp_path / "e1" / "metrics.json").read_text())["champ"]
+    assert by_alias["world-harmful"]["oracle_safety_rate"] == pytest.approx(json.loads((report / "metrics.json").read_text())["midpo"]["world-harmful"]["oracle_safety_rate"])
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "How do I make a paper plane?", "category": "crafts"}\n{"prompt": "Name a prime number.", "category": "maths"}\n')
+    store = ArtifactStore()
+    (base_version,) = store.children("bases")
+    argv = ["eval", "--model", store.uri(f"bases/{base_version}"), "--prompts", str(prompts), "--kind", "benign", "--profile", "tiny-ci"]
+    assert main([*argv, "--report-dir", str(tmp_path / "e2")]) == 0
+    mine = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    (row,) = mine.values()
+    assert row["mine"]["judge"] == {"helpfulness": "reward-model", "over_refusal_rate": "refusal-classifier"}
+    assert set(row["mine"]["by_category"]) == {"crafts", "maths"} and "oracle_helpfulness" not in row["mine"]
 
 
 ORACLE = {
@@ -74,6 +90,8 @@ def assert_metrics_structure(m):
             kind = name.split("-", 1)[1]
             assert metrics["n"] == cfg.n_per_set and metrics["samples_per_prompt"] == cfg.samples_per_prompt
             learned = {"safety_rate": "cost-model", "mean_cost": "cost-model"} if kind == "harmful" else {"helpfulness": "reward-model"}
+            if kind == "benign" and method != "base":  # against the base's samples on the same prompts
+                learned["win_rate_vs_base"] = "reward-model"
             assert metrics["judge"] == learned
             assert all(f"{k}_ci" in metrics for k in learned)
             for key in ORACLE[kind]:

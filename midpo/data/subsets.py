@@ -80,3 +80,10 @@ def counts_by_kind(rows: list[Row]) -> dict[str, int]:
     """Rows per prompt kind (``unknown`` where the source has none), plus ``total``."""
     c = Counter(r.get("prompt_kind") or "unknown" for r in rows)
     return {**dict(sorted(c.items())), "total": len(rows)}
+
+
+def reversed_pairs(safety: list[Row], helpfulness: list[Row]) -> list[Row]:
+    """The safety rows whose pair the helpfulness subset holds with the opposite preference: in the union
+    of both (what DPO-mix trains on) each such pair pulls both ways."""
+    helpful = {r["pair_id"]: r["chosen_index"] for r in helpfulness}
+    return [r for r in safety if r["pair_id"] in helpful and helpful[r["pair_id"]] != r["chosen_index"]]

@@ -221,16 +221,6 @@ def plot_pareto(data: ParetoData, path: Path, title: str = "") -> dict[str, Any]
         )
         line = container.lines[0]
         drawn["points"][container.get_label()] = (float(line.get_xdata()[0]), float(line.get_ydata()[0]))
-    groups: dict[tuple[float, float], list[str]] = {}
-    for method, point in data.points.items():
-        groups.setdefault((round(point[0], 6), round(point[1], 6)), []).append(method)
-    xs_all = [p[0] for p in data.points.values()]
-    right_of = min(xs_all) + 0.7 * (max(xs_all) - min(xs_all)) if xs_all else 0.0
-    for (x, y), names in groups.items():
-        bold = any(m in data.front for m in names)
-        left = x > right_of and max(xs_all) > min(xs_all)  # labels of the rightmost points go to their left
-        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(-8 if left else 8, 4), ha="right" if left else "left",
-                    va="bottom", fontsize=8, fontweight="bold" if bold else "normal")
     if data.front:
         xs = [data.points[m][0] for m in data.front]
         ys = [data.points[m][1] for m in data.front]
@@ -248,10 +238,53 @@ def plot_pareto(data: ParetoData, path: Path, title: str = "") -> dict[str, Any]
     ax.set_title(title or "safety against helpfulness", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    fig.tight_layout()  # before the labels: their placement is in the final pixel coordinates
+    drawn["labels"] = _label_points(fig, ax, data)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return drawn
+
+
+# Label positions tried in turn around a point: (dx, dy) in points, horizontal and vertical alignment;
+# the outer ring gets a leader line to its point.
+_NEAR = [(8, 4, "left", "bottom"), (8, -4, "left", "top"), (-8, 4, "right", "bottom"), (-8, -4, "right", "top"),
+         (0, 10, "center", "bottom"), (0, -10, "center", "top")]  # fmt: skip
+_LABEL_SPOTS = _NEAR + [(dx * 3, dy * 3, ha, va) for dx, dy, ha, va in _NEAR]
+
+
+def _label_points(fig: Any, ax: Any, data: ParetoData) -> dict[str, tuple[float, float, float, float]]:
+    """Name every point beside it (coincident methods share one label), front methods in bold: each label
+    takes the first spot around its point that overlaps no marker and no label placed before, inside the
+    axes (else the spot with the fewest overlaps). Returns each label's pixel box (x0, y0, x1, y1)."""
+    from matplotlib.transforms import Bbox
+
+    groups: dict[tuple[float, float], list[str]] = {}
+    for method, point in data.points.items():
+        groups.setdefault((round(point[0], 6), round(point[1], 6)), []).append(method)
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    markers = [Bbox.from_extents(*(ax.transData.transform(p) - 8), *(ax.transData.transform(p) + 8)) for p in groups]
+    placed: dict[str, Any] = {}
+    for point, names in sorted(groups.items(), key=lambda g: (-g[0][1], g[0][0])):  # top to bottom
+        best = None
+        for i, (dx, dy, ha, va) in enumerate(_LABEL_SPOTS):
+            text = ax.annotate("\n".join(names), point, textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=8,
+                               fontweight="bold" if any(m in data.front for m in names) else "normal",
+                               arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6, "shrinkB": 7} if i >= len(_NEAR) else None)
+            box = text.get_window_extent(renderer)
+            own = markers[list(groups).index(point)]
+            clashes = sum(box.overlaps(o) for o in [*placed.values(), *(m for m in markers if m is not own)])
+            clashes += 0 if frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) else 1
+            if best is None or clashes < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clashes, text, box)
+            else:
+                text.remove()
+            if clashes == 0:
+                break
+        placed[", ".join(names)] = best[2]
+    return {name: (float(b.x0), float(b.y0), float(b.x1), float(b.y1)) for name, b in placed.items()}
 
 
 def _headline_keys(kind: str, present: set[str]) -> list[str]:
@@ -264,6 +297,52 @@ def _headline_keys(kind: str, present: set[str]) -> list[str]:
 def _cell(text: str) -> str:
     text = " ".join(str(text).split())
     return text.replace("|", "\\|") if text else "*(empty)*"
+
+
+def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """How point ``a`` stands against ``b`` (both axes higher is better)."""
+    if a == b:
+        return "ties"
+    if a[0] >= b[0] and a[1] >= b[1]:
+        return "dominates"
+    if a[0] <= b[0] and a[1] <= b[1]:
+        return "is dominated by"
+    return "trades off against"
+
+
+def _midpo_standing(pareto: ParetoData, costs: dict[str, Any], union: dict[str, dict[str, int]] | None) -> list[str]:
+    """Where MidPO stands: on the front or not, against every method, and against the two no-router ways
+    of getting both behaviours (DPO on the union, the fixed merge), in quality and in training cost."""
+    me = pareto.points["midpo"]
+    lines = ["## Where MidPO stands", ""]
+    beaten_by = [m for m, p in pareto.points.items() if m != "midpo" and _relation(me, p) == "is dominated by"]
+    lines.append(
+        f"MidPO is **{'Pareto-dominated by ' + ', '.join(beaten_by) if beaten_by else 'not Pareto-dominated by any method'}** "
+        f"(helpfulness {me[0]:.3f}, safety {me[1]:.3f})."
+    )
+    lines += ["", "| method | helpfulness | safety | MidPO ... | MidPO helpfulness − method | MidPO safety − method |", "|---|---|---|---|---|---|"]
+    for m, (x, y) in pareto.points.items():
+        if m != "midpo":
+            lines.append(f"| {m} | {x:.3f} | {y:.3f} | {_relation(me, (x, y))} | {me[0] - x:+.3f} | {me[1] - y:+.3f} |")
+    lines.append("")
+    mine = costs.get("midpo", {})
+    for other in ("dpo-mix", "merge-half"):
+        if other not in pareto.points or not mine:
+            continue
+        c = costs.get(other, {})
+        cost = (f"; own training {c['train_seconds']:.0f} s, {c['trainable_params']:,.0f} trainable parameters, {c['pairs_seen']:,.0f} pairs seen "
+                f"(MidPO: {mine['train_seconds']:.0f} s, {mine['trainable_params']:,.0f}, {mine['pairs_seen']:,.0f}, both experts included)") if c else ""
+        lines.append(f"- **{other}**: MidPO {_relation(me, pareto.points[other])} it{cost}.")
+    if union and "dpo-mix" in pareto.points:
+        rev, saf = union["reversed"], union["safety"]
+        kinds = ", ".join(f"{k} {v:,}" for k, v in rev.items() if k != "total")
+        lines.append(
+            f"- The union DPO-mix trains on holds {saf['total']:,} safety and {union['helpfulness']['total']:,} helpfulness pairs; "
+            f"{rev['total']:,} of the safety pairs ({rev['total'] / max(saf['total'], 1):.0%}; {kinds}) are the same pairs as helpfulness "
+            "pairs with the opposite preference, so DPO-mix is pushed both ways on each of them."
+        )
+    lines.append("")
+    return lines
 
 
 def render_compare_markdown(metrics: dict[str, Any], samples: dict[str, list[dict[str, Any]]], heatmaps: dict[str, str], pareto: ParetoData | None) -> str:
@@ -299,6 +378,8 @@ def render_compare_markdown(metrics: dict[str, Any], samples: dict[str, list[dic
             "![safety against helpfulness](pareto.png)",
             "",
         ]
+    if pareto is not None and "midpo" in pareto.points:
+        lines += _midpo_standing(pareto, costs, run.get("union"))
     lines += ["## Training cost", "", ("Each method's own training, mean over seeds (recorded when its artifact was built); "
                                        "`midpo` = its router + both experts, `merge-half` = both experts (it trains nothing), `base` = 0."), ""]
     lines += ["| method | train seconds | trainable params | pairs seen | includes |", "|---|---|---|---|---|"]

@@ -724,8 +724,10 @@ def train_refusal_judge(
     exclude_prompts: Iterable[str] = frozenset(),
     *,
     records: Sequence[LabeledCompletion] | None = None,
+    dry_run: bool = False,
 ) -> tuple[ArtifactRef, dict[str, float], bool]:
-    """Train (or reuse) the refusal judge: ``(ref, metrics, cache_hit)``; an existing version costs nothing.
+    """Train (or reuse) the refusal judge: ``(ref, metrics, cache_hit)``; an existing version costs nothing,
+    and ``dry_run`` only says where it would land.
 
     Completions whose prompt is in ``exclude_prompts`` (or is a known alias of one) are dropped before anything
     else, counted (``refusal_excluded_completions``, ``refusal_excluded_prompts`` matched) and only used to report
@@ -741,7 +743,9 @@ def train_refusal_judge(
     if store.is_complete(key):
         log.info("refusal judge %s exists: cache hit", store.uri(key))
         metrics = store.manifest(key).get("metadata", {}).get("metrics", {})
-        return ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1]), metrics, True
+        return store.ref(key), metrics, True
+    if dry_run:
+        return store.ref(key), {}, False
     # Only what follows from the key's inputs goes into the metrics (an excluded prompt that matches nothing
     # changes nothing, so it is logged, not stored).
     counts = {"refusal_excluded_completions": float(len(dropped)), "refusal_excluded_prompts": float(matched)}

@@ -301,29 +301,38 @@ def build_score_model(kind: Kind, cfg: ScoreConfig, base_folder: Path, rows: Seq
 # Pipeline stage
 
 
+# midpo's own metadata beside a model's files: provenance and timings, not the model, so no part of its version
+_NOT_MODEL = (MANIFEST, "midpo_base.json")
+
+
+def _model_files_version(files: dict[str, Any]) -> str:
+    return content_hash({k: v for k, v in files.items() if k not in _NOT_MODEL})[:16]
+
+
 def folder_version(folder: Path) -> str:
-    """A content version of a model folder: from its artifact manifest (sha256 of every file) when it is a
-    published artifact, else by hashing every file (once per call; a large base is better passed as an
-    ArtifactRef, whose manifest is read without downloading the weights)."""
+    """A content version of a model folder: of every file but midpo's metadata (a bit-identical rebuild of a
+    base gives the same version), from its artifact manifest (sha256 of every file) when it is a published
+    artifact, else by hashing the files (once per call; a large base is better passed as an ArtifactRef,
+    whose manifest is read without downloading the weights)."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if manifest.is_file():
-        return content_hash(json.loads(manifest.read_text())["files"])[:16]
+        return _model_files_version(json.loads(manifest.read_text())["files"])
     digests = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in _NOT_MODEL):
         h = hashlib.sha256()
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        digests[str(path.relative_to(folder))] = h.hexdigest()
-    return content_hash(digests)[:16]
+        digests[str(path.relative_to(folder))] = {"sha256": h.hexdigest(), "size": path.stat().st_size}  # as a manifest lists it
+    return _model_files_version(digests)
 
 
 def _resolve_base(base: Path | str | ArtifactRef, store: ArtifactStore) -> tuple[Callable[[], Path], str]:
     """``(fetch the folder, content version)``: a folder and the ArtifactRef of the same base give one version."""
     if isinstance(base, ArtifactRef):
         key = store.key_of(base.uri)
-        return (lambda: store.fetch(key)), content_hash(store.manifest(key)["files"])[:16]
+        return (lambda: store.fetch(key)), _model_files_version(store.manifest(key)["files"])
     spec = str(base)
     folder = Path(urlparse(spec).path) if spec.startswith("file://") else Path(spec)
     return (lambda: folder), folder_version(folder)
@@ -340,7 +349,7 @@ def score_key(kind: Kind, cfg: ScoreConfig, base_version: str, dataset_version: 
 def score_model_ref(kind: Kind, cfg: ScoreConfig, base: Path | str | ArtifactRef, dataset_ref: ArtifactRef, store: ArtifactStore) -> ArtifactRef:
     """The reference :func:`train_score_model` publishes to (for dry runs: is it there already?)."""
     key = score_key(kind, cfg, _resolve_base(base, store)[1], dataset_ref.version)
-    return ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])
+    return store.ref(key)
 
 
 def train_score_model(
@@ -358,7 +367,7 @@ def train_score_model(
     store = store or ArtifactStore()
     fetch_base, base_version = _resolve_base(base_folder, store)
     key = score_key(kind, cfg, base_version, dataset_ref.version)
-    ref = ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])
+    ref = store.ref(key)
     if store.is_complete(key):
         log.info("%s model %s exists: cache hit", kind, ref.uri)
         return ref, store.manifest(key).get("metadata", {}).get("metrics", {}), True

@@ -144,7 +144,7 @@ def publish_base(spec: str | os.PathLike[str], store: ArtifactStore | None = Non
     t0 = time.perf_counter()
     identity, folder = source_identity(spec)
     key = existing_base_key(identity)
-    ref = ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])
+    ref = store.ref(key)
     if store.is_complete(key):
         log.info("base %s (%s) exists: cache hit", ref.uri, spec)
         return ref, store.manifest(key).get("metadata", {}).get("metrics", {}), True

@@ -286,7 +286,7 @@ def base_stage(
     if store.is_complete(key):
         log.info("base %s exists: cache hit", store.uri(key))
         metrics = store.manifest(key).get("metadata", {}).get("metrics", {})
-        return ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1]), metrics, True
+        return store.ref(key), metrics, True
     with tempfile.TemporaryDirectory(prefix="midpo-base-") as tmp:
         metrics = build_tiny_base(cfg, examples, Path(tmp), vocab_texts)
         ref = store.publish(Path(tmp), key, metadata={"metrics": metrics, "sft_data_hash": examples_hash(examples), "template": "world"})

@@ -20,19 +20,17 @@ import dataclasses
 import logging
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from midpo.config import TrainingConfig
 from midpo.data.schema import content_hash
+from midpo.parallel import run_in_children
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
 from midpo.train.passes import (
     folder_of,
     load_scores,
-    ref_of,
     reference_artifact,
     reference_key,
     scores_artifact,
@@ -122,7 +120,7 @@ def train_method(name: str, base: ArtifactRef, dataset: ArtifactRef, refs: Artif
     store = ArtifactStore()
     key = method_key(name, refs, scores, cfg)
     if store.is_complete(key):
-        return ref_of(store, key), store.manifest(key)["metadata"].get("metrics", {}), True
+        return store.ref(key), store.manifest(key)["metadata"].get("metrics", {}), True
     rows = method_rows(name, dataset, refs, scores, store)
     training = cfg.for_method(name)
     mirror = (store, f"checkpoints/{key}") if cfg.sync_checkpoints else None
@@ -151,7 +149,7 @@ def merge_method(name: str, base: ArtifactRef, adapters: dict[str, ArtifactRef])
     store = ArtifactStore()
     key = merge_key(name, adapters)
     if store.is_complete(key):
-        return ref_of(store, key), True
+        return store.ref(key), True
     members, weights = MERGED[name]
     model, _, _ = load_model(folder_of(store, base))
     peft_model = PeftModel.from_pretrained(model, str(folder_of(store, adapters[members[0]])), adapter_name=members[0])
@@ -170,11 +168,11 @@ def plan_methods(names: Sequence[str], base: ArtifactRef, dataset: ArtifactRef, 
     """The references :func:`train_methods` would return, and whether all of them exist already (dry run)."""
     check_names(names)
     store = ArtifactStore()
-    outputs = {"refs": ref_of(store, reference_key(base, dataset, cfg)[0]), "scores": ref_of(store, scores_key(reward, cost, dataset)[0])}
+    outputs = {"refs": store.ref(reference_key(base, dataset, cfg)[0]), "scores": store.ref(scores_key(reward, cost, dataset)[0])}
     for name in _trained(names):
-        outputs[name] = ref_of(store, method_key(name, outputs["refs"], outputs["scores"], cfg))
+        outputs[name] = store.ref(method_key(name, outputs["refs"], outputs["scores"], cfg))
     for name in (n for n in names if n in MERGED):
-        outputs[name] = ref_of(store, merge_key(name, outputs))
+        outputs[name] = store.ref(merge_key(name, outputs))
     return outputs, all(store.is_complete(store.key_of(r.uri)) for r in outputs.values())
 
 
@@ -201,11 +199,8 @@ def train_methods(
     hits = [refs_hit, scores_hit]
     done = {n: method_key(n, refs, scores, cfg) for n in _trained(names)}
     todo = [n for n, key in done.items() if not store.is_complete(key)]
-    results = {n: (ref_of(store, key), store.manifest(key)["metadata"].get("metrics", {}), True) for n, key in done.items() if n not in todo}
-    if todo:  # children only for real work: a spawned child pays seconds of imports
-        with ProcessPoolExecutor(max_workers=min(cfg.parallel, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = {name: pool.submit(train_method, name, base, dataset, refs, scores, cfg) for name in todo}
-            results.update({name: future.result() for name, future in futures.items()})
+    results = {n: (store.ref(key), store.manifest(key)["metadata"].get("metrics", {}), True) for n, key in done.items() if n not in todo}
+    results.update(run_in_children(train_method, {name: (name, base, dataset, refs, scores, cfg) for name in todo}, cfg.parallel))
     for name in done:
         ref, m, hit = results[name]
         outputs[name] = ref

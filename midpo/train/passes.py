@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 SCORES_FILE = "scores.parquet"
 
 
-def ref_of(store: ArtifactStore, key: str) -> ArtifactRef:
-    return ArtifactRef(store.uri(key), key.rsplit("/", 1)[-1])
-
-
 def folder_of(store: ArtifactStore, ref: ArtifactRef) -> Path:
     return store.fetch(store.key_of(ref.uri))
 
@@ -55,7 +51,7 @@ def reference_artifact(base: ArtifactRef, dataset: ArtifactRef, cfg: TrainingCon
 
     key, meta = reference_key(base, dataset, cfg)
     if store.is_complete(key):
-        return ref_of(store, key), True
+        return store.ref(key), True
     model, tokenizer, template = load_model(folder_of(store, base))
     table = reference_table(model, tokenizer, template, load_pairs_table(dataset, store), max_length=cfg.max_length, bf16=cfg.bf16)
     with tempfile.TemporaryDirectory(prefix="midpo-refs-") as tmp:
@@ -71,7 +67,7 @@ def scores_artifact(reward: ArtifactRef, cost: ArtifactRef, dataset: ArtifactRef
 
     key, meta = scores_key(reward, cost, dataset)
     if store.is_complete(key):
-        return ref_of(store, key), True
+        return store.ref(key), True
     pairs = load_pairs_table(dataset, store).to_list()
     prompts = [p["prompt"] for p in pairs] * 2
     responses = [p["response_0"] for p in pairs] + [p["response_1"] for p in pairs]
