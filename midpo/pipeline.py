@@ -9,6 +9,7 @@ torch kernels or in the child processes it launches, so threads are enough to ke
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -158,7 +159,8 @@ def run_graph(plan: list[Stage], run_one: Callable[[Stage, dict[str, ArtifactRef
         while pending or running:
             for stage in [s for s in pending if all(n in done for n in s.needs if n in graph)][: max(1, workers) - len(running)]:
                 pending.remove(stage)
-                running[pool.submit(run_one, stage, inputs_of(stage))] = stage
+                # in the caller's context (a Prefect flow run's, when the flow drives the graph)
+                running[pool.submit(contextvars.copy_context().run, run_one, stage, inputs_of(stage))] = stage
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 done[running.pop(future).name] = future.result()  # a failure raises here; the pool drains

@@ -10,5 +10,6 @@ from midpo.storage import ArtifactRef
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], task_run_name="{stage.name}")
-def run_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef]) -> StageOutput:
-    return execute_stage(stage, cfg, inputs)
+def run_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], parent_run_id: str | None = None) -> StageOutput:
+    """The stage on its upstream stages' outputs, tracked as an MLflow run nested under ``parent_run_id``."""
+    return execute_stage(stage, cfg, inputs, parent_run_id=parent_run_id)
