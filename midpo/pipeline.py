@@ -143,6 +143,10 @@ def execute_stage(
     return out
 
 
+def _in_process(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], parent_run_id: str | None) -> StageOutput:
+    return execute_stage(stage, cfg, inputs, parent_run_id=parent_run_id)
+
+
 def run_graph(plan: list[Stage], run_one: Callable[[Stage, dict[str, ArtifactRef]], StageOutput], workers: int) -> dict[str, StageOutput]:
     """Run every stage of ``plan`` once its upstream stages are done, at most ``workers`` at once; each gets
     the outputs of its upstream stages only (what ran beside it never leaks in). A failure stops new
@@ -167,10 +171,23 @@ def run_graph(plan: list[Stage], run_one: Callable[[Stage, dict[str, ArtifactRef
     return done
 
 
-def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool = False, until: str | Sequence[str] | None = None) -> RunSummary:
+# How one stage executes: (stage, config, inputs, parent MLflow run id) -> output. In-process by default;
+# the `midpo` flow passes its Prefect task, so a flow run and `midpo run` share everything else.
+StageExecutor = Callable[[Stage, MidpoConfig, dict[str, ArtifactRef], "str | None"], StageOutput]
+
+
+def run_pipeline(
+    cfg: MidpoConfig,
+    report_dir: Path | None = None,
+    dry_run: bool = False,
+    until: str | Sequence[str] | None = None,
+    execute: StageExecutor | None = None,
+) -> RunSummary:
     """Run the profile's stages (up to ``until``); ``dry_run`` only resolves the plan and the cache hits.
 
-    With a ``report_dir``, the report goes there: metrics.json (interfaces.md), report.md and plots.
+    One MLflow parent run holds the resolved config (config.json), the dataset version as a dataset input,
+    and a nested run per stage. With a ``report_dir``, the report goes there: metrics.json
+    (interfaces.md), report.md and plots.
     """
     start = time.perf_counter()
     apply_runtime(cfg.run)
@@ -179,15 +196,20 @@ def run_pipeline(cfg: MidpoConfig, report_dir: Path | None = None, dry_run: bool
     parent = nullcontext() if dry_run else tracking.stage_run(cfg.run.experiment, "pipeline", params={"profile": cfg.profile})
     with parent as parent_run:
         parent_id = parent_run.active_run().info.run_id if parent_run is not None else None
+        if parent_run is not None:
+            parent_run.log_dict(dataclasses.asdict(cfg), "config.json")  # the resolved config, overrides applied
 
         def run_one(stage: Stage, inputs: dict[str, ArtifactRef]) -> StageOutput:
             log.info("stage %d/%d: %s", [s.name for s in plan].index(stage.name) + 1, len(plan), stage.name)
             t0 = time.perf_counter()
-            out = execute_stage(stage, cfg, inputs, dry_run, parent_id)
+            out = execute_stage(stage, cfg, inputs, True) if dry_run else (execute or _in_process)(stage, cfg, inputs, parent_id)
             seconds[stage.name] = time.perf_counter() - t0
             return out
 
         done = run_graph(plan, run_one, 1 if dry_run else cfg.run.stage_workers)
+        dataset = next((done[s.name].outputs["dataset"] for s in plan if "dataset" in done[s.name].outputs), None)
+        if parent_run is not None and dataset is not None:
+            tracking.log_dataset(dataset)
     refs = {k: v for s in plan for k, v in done[s.name].outputs.items()}
     metrics = {s.name: done[s.name].metrics for s in plan}
     hits = [s.name for s in plan if done[s.name].cache_hit]

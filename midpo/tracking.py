@@ -125,3 +125,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]
     return out
+
+
+def log_dataset(ref: Any, context: str = "training") -> None:
+    """The dataset version as an MLflow dataset input of the active run: its URI as the source, its content
+    version as the digest (nothing is read: the dataset stays where the artifact root keeps it)."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a file:// URI matches two equivalent local source types; MLflow says so
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(ref.uri)
+    mlflow.log_input(MetaDataset(source, name="midpo-dataset", digest=ref.version), context=context)

@@ -27,6 +27,11 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
     assert {"pipeline", "data"} <= set(runs["tags.mlflow.runName"])
     data_run = runs[runs["tags.mlflow.runName"] == "data"].iloc[0]
+    parent = mlflow.MlflowClient().get_run(runs[runs["tags.mlflow.runName"] == "pipeline"].iloc[0]["run_id"])
+    (dataset_input,) = parent.inputs.dataset_inputs  # the dataset version as an MLflow dataset input
+    assert dataset_input.dataset.digest == run["dataset_version"] and json.loads(dataset_input.dataset.source)["uri"].endswith(f"datasets/{run['dataset_version']}")
+    config = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/config.json")  # the resolved config
+    assert config["eval"]["n_per_set"] == load_config("tiny-ci").eval.n_per_set and config["profile"] == "tiny-ci"
     assert data_run["tags.mlflow.parentRunId"] == runs[runs["tags.mlflow.runName"] == "pipeline"].iloc[0]["run_id"]
     assert data_run["metrics.safety_train_pairs"] > 0 and data_run["params.data.dual_rule"] == "label+safety"
     # training curves: one nested run per trained model, under its stage's run
