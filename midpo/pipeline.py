@@ -38,22 +38,23 @@ class Stage:
     section: str  # the only config section the stage receives; a profile without it skips the stage
     run: Callable[[Any, dict[str, ArtifactRef], bool], StageOutput]  # (section, inputs, dry_run)
     needs: tuple[str, ...] = ()  # the stages whose outputs it reads (those the profile runs)
+    gpu: bool = False  # trains or runs the language model or its score models: a GPU task where there is one
 
 
 # In an order that respects ``needs`` (the order of a one-at-a-time run and of --dry-run's plan).
 STAGES: list[Stage] = [
     Stage("world", "world", stages.world_stage),
     Stage("data", "data", stages.data_stage, ("world",)),
-    Stage("base", "base", stages.base_stage, ("world",)),
+    Stage("base", "base", stages.base_stage, ("world",), gpu=True),
     Stage("refusal", "judges", stages.refusal_stage, ("world",)),
-    Stage("judges", "judges", stages.judges_stage, ("data", "base")),
-    Stage("refs", "training", stages.refs_stage, ("data", "base")),
-    Stage("experts", "training", stages.experts_stage, ("data", "base", "judges", "refs")),
+    Stage("judges", "judges", stages.judges_stage, ("data", "base"), gpu=True),
+    Stage("refs", "training", stages.refs_stage, ("data", "base"), gpu=True),
+    Stage("experts", "training", stages.experts_stage, ("data", "base", "judges", "refs"), gpu=True),
     Stage("dual", "router", stages.dual_stage, ("experts",)),
-    Stage("router", "router", stages.router_stage, ("dual", "experts")),
+    Stage("router", "router", stages.router_stage, ("dual", "experts"), gpu=True),
     Stage("moe", "router", stages.moe_stage, ("router",)),
-    Stage("eval", "eval", stages.eval_stage, ("judges", "refusal", "experts")),  # base, experts, baselines: beside the router
-    Stage("eval-midpo", "eval", stages.eval_stage, ("eval", "moe")),  # the MoE, against the same base samples
+    Stage("eval", "eval", stages.eval_stage, ("judges", "refusal", "experts"), gpu=True),  # base, experts, baselines: beside the router
+    Stage("eval-midpo", "eval", stages.eval_stage, ("eval", "moe"), gpu=True),  # the MoE, against the same base samples
     Stage("register", "registry", stages.register_stage, ("moe", "eval-midpo")),
 ]
 

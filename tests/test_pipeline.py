@@ -123,3 +123,9 @@ def test_flow_runs_the_same_stages():
     assert (stage_runs["tags.mlflow.parentRunId"] == parent).all()
     span = {r["tags.mlflow.runName"]: (r["start_time"], r["end_time"]) for _, r in stage_runs.iterrows()}
     assert span["refusal"][0] < span["base"][1] and span["base"][0] < span["refusal"][1]  # base and refusal overlapped
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:  # one task run per stage, tagged gpu where the stage is
+        tags = {t.name: set(t.tags) for t in client.read_task_runs()}
+    for stage in stages_for(load_config("tiny-ci")):
+        assert tags[stage.name] == ({"gpu"} if stage.gpu else set()), stage.name
