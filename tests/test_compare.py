@@ -152,6 +152,9 @@ def test_report_says_where_midpo_stands_and_why_the_union_conflicts(compared):
         row = next(line for line in standing.splitlines() if line.startswith(f"| {method} |"))
         assert f"| {_relation(me, data.points[method])} |" in row
     assert "- **dpo-mix**: MidPO" in standing and "- **merge-half**: MidPO" in standing
+    for other, axis in (("safety-expert", 0), ("helpfulness-expert", 1)):  # each expert on its weaker axis
+        better = "better" if me[axis] > data.points[other][axis] else "not better"
+        assert f"{me[axis]:.3f} vs {data.points[other][axis]:.3f}, {better}." in standing
     union = m["run"]["union"]
     ref = ArtifactStore().ref(f"datasets/{m['run']['dataset_version']}")
     safety, helpful = (load_subset(ref, n, "train").to_list() for n in ("safety", "helpfulness"))

@@ -310,6 +310,10 @@ def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
     return "trades off against"
 
 
+# the single-objective methods and the axis each one neglects
+SINGLE_OBJECTIVE = {"dpo-helpful": "safety", "helpfulness-expert": "safety", "dpo-harmless": "helpfulness", "safety-expert": "helpfulness"}
+
+
 def _midpo_standing(pareto: ParetoData, costs: dict[str, Any], union: dict[str, dict[str, int]] | None) -> list[str]:
     """Where MidPO stands: on the front or not, against every method, and against the two no-router ways
     of getting both behaviours (DPO on the union, the fixed merge), in quality and in training cost."""
@@ -325,6 +329,12 @@ def _midpo_standing(pareto: ParetoData, costs: dict[str, Any], union: dict[str, 
         if m != "midpo":
             lines.append(f"| {m} | {x:.3f} | {y:.3f} | {_relation(me, (x, y))} | {me[0] - x:+.3f} | {me[1] - y:+.3f} |")
     lines.append("")
+    for other, weak in SINGLE_OBJECTIVE.items():
+        if other in pareto.points:
+            axis = 0 if weak == "helpfulness" else 1
+            mine_v, other_v = me[axis], pareto.points[other][axis]
+            verdict = "better" if mine_v > other_v else "not better"
+            lines.append(f"- against **{other}** on its weaker axis, {weak}: MidPO {mine_v:.3f} vs {other_v:.3f}, {verdict}.")
     mine = costs.get("midpo", {})
     for other in ("dpo-mix", "merge-half"):
         if other not in pareto.points or not mine:
