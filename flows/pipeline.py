@@ -1,8 +1,7 @@
 """The ``midpo`` flow: the stage graph of ``midpo.pipeline.STAGES``, one task run per stage.
 
 It is ``midpo run`` with each stage executed as a Prefect task (``midpo_tasks.stages.execute``): the same
-scheduler (a stage starts once its upstream stages are done, ``run.stage_workers`` at a time), the same
-MLflow parent run, the same artifacts and cache hits. Deployed as ``midpo/full-pipeline`` (prefect.yaml):
+scheduler (``midpo.pipeline.run_graph``), the same MLflow parent run, the same artifacts and cache hits. Deployed as ``midpo/full-pipeline`` (prefect.yaml):
 ``prefect deployment run midpo/full-pipeline``.
 """
 

@@ -225,13 +225,6 @@ class RunConfig:
     # Intra-op threads of torch (null: one per core this process may run on). Jobs run in parallel child
     # processes split them (midpo.parallel); the tiny world trains 1.5x faster on 2 threads than on 1.
     torch_threads: int | None = None
-    # Stages run at once when independent (1: one after another). Heavy stages spread their own work over
-    # child processes (training.parallel, judges.parallel, eval.parallel), so 2 fills a 2-core machine.
-    stage_workers: int = 2
-
-    def __post_init__(self) -> None:
-        if self.stage_workers < 1:
-            raise ValueError(f"stage_workers must be >= 1, got {self.stage_workers}")
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 A stage is a plain function: its own config section and the references its upstream stages produced in,
 output references and small metrics out. Outputs land under the artifact root keyed by their inputs'
-versions, so a rerun with unchanged inputs is a cache hit. Independent stages run at once (the refusal
-judge beside the base, the experts' evaluations beside the router): each stage thread spends its time in
-torch kernels or in the child processes it launches, so threads are enough to keep the cores busy.
+versions, so a rerun with unchanged inputs is a cache hit. In one process the stages run one at a time:
+each keeps the cores busy on its own (torch threads, child processes), and transformers builds models
+under a process-wide patch (accelerate's ``init_empty_weights``), so two stages loading models at once
+in one process can corrupt each other (measured: SmolLM2's reference pass got meta-device weights).
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def run_pipeline(
             seconds[stage.name] = time.perf_counter() - t0
             return out
 
-        done = run_graph(plan, run_one, 1 if dry_run else cfg.run.stage_workers)
+        done = run_graph(plan, run_one, workers=1)
         dataset = next((done[s.name].outputs["dataset"] for s in plan if "dataset" in done[s.name].outputs), None)
         if parent_run is not None and dataset is not None:
             tracking.log_dataset(dataset)

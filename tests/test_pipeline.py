@@ -111,18 +111,16 @@ def assert_metrics_structure(m):
 def test_flow_runs_the_same_stages():
     from midpo_flows.pipeline import midpo
 
-    outputs = midpo(profile="tiny-ci", overrides=["run.stage_workers=2"])
+    outputs = midpo(profile="tiny-ci")
     methods = {"base", "safety-expert", "helpfulness-expert", "midpo"}
     shared = {"world", "dataset", "reward", "cost", "refusal", "refs", "scores", "dual", "router"}
     assert set(outputs) == shared | methods | {f"eval/{m}" for m in methods} and outputs["dataset"].startswith("file://")
-    # one task run per stage, nested MLflow runs under the flow's pipeline run, independent stages side by side
+    # one task run per stage, nested MLflow runs under the flow's pipeline run
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
     parent = runs[runs["tags.mlflow.runName"] == "pipeline"].iloc[0]["run_id"]
     stage_runs = runs[runs["tags.midpo.stage"].isin([s.name for s in stages_for(load_config("tiny-ci"))])]
     assert set(stage_runs["tags.mlflow.runName"]) == {s.name for s in stages_for(load_config("tiny-ci"))}
     assert (stage_runs["tags.mlflow.parentRunId"] == parent).all()
-    span = {r["tags.mlflow.runName"]: (r["start_time"], r["end_time"]) for _, r in stage_runs.iterrows()}
-    assert span["refusal"][0] < span["base"][1] and span["base"][0] < span["refusal"][1]  # base and refusal overlapped
     from prefect import get_client
 
     with get_client(sync_client=True) as client:  # one task run per stage, tagged gpu where the stage is
