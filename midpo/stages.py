@@ -31,7 +31,7 @@ from midpo.models.tiny import base_key
 from midpo.parallel import run_jobs
 from midpo.storage import ArtifactRef, ArtifactStore, local_copy
 from midpo.world import EVAL_SETS, vocabulary
-from midpo.world.artifact import EVAL_DIR, SFT, build_world
+from midpo.world.artifact import SFT, build_world
 from midpo.world.config import WorldConfig
 
 

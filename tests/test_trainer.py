@@ -287,6 +287,34 @@ def test_train_adapter_scores_eval_rows_and_guards_its_checkpoint_dir(base, rows
         train_adapter(base, data[:16], "spe_dpo", tcfg(), tmp_path / "out2", checkpoint_dir=ckpt, config_overrides={"max_steps": 2})
 
 
+class _OutOfMemoryAbove(TrainerCallback):
+    """An injected CUDA out-of-memory: any step whose micro-batch is above ``limit`` rows fails like one."""
+
+    def __init__(self, limit):
+        self.limit, self.seen = limit, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
+        if args.per_device_train_batch_size > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+def test_out_of_memory_retries_with_a_smaller_micro_batch_and_the_same_effective_batch(base, rows, table, tmp_path):
+    data = attach_reference(rows, table)[:16]
+    oom = _OutOfMemoryAbove(limit=1)
+    metrics = train_adapter(base, data, "dpo", tcfg(per_device_batch_size=4), tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
+                            callbacks=[oom], config_overrides={"max_steps": 2})
+    assert [s for s in dict.fromkeys(oom.seen)] == [(4, 1), (2, 2), (1, 4)]  # halved twice, effective batch 4 throughout
+    assert metrics["oom_retries"] == 2 and metrics["micro_batch"] == 1 and metrics["gradient_accumulation"] == 4
+    assert metrics["steps"] == 2 and metrics["pairs"] == 16
+    plain = train_adapter(base, data, "dpo", tcfg(per_device_batch_size=4), tmp_path / "out2", checkpoint_dir=tmp_path / "ckpt2",
+                          config_overrides={"max_steps": 2})
+    assert metrics["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-4)  # the same optimisation, split finer
+    with pytest.raises(torch.OutOfMemoryError):  # an odd micro-batch cannot be halved into the same effective batch
+        train_adapter(base, data, "dpo", tcfg(per_device_batch_size=3), tmp_path / "out3", checkpoint_dir=tmp_path / "ckpt3",
+                      callbacks=[_OutOfMemoryAbove(limit=1)], config_overrides={"max_steps": 1})
+
+
 def test_dpo_config_writes_out_trl_defaults(tmp_path):
     cfg = tcfg(learning_rate=5e-4, save_strategy="steps", save_steps=7, gradient_accumulation_steps=2)
     args = dpo_config(cfg, tmp_path, report_to=["mlflow"])

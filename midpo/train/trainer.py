@@ -20,6 +20,7 @@ checkpoint, and saves the PEFT adapter with a ``midpo_adapter.json`` (config, da
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -430,30 +431,52 @@ def train_adapter(
         callbacks = [*callbacks, MirrorCheckpoints(*checkpoint_mirror)]
     _claim_checkpoint_dir(Path(checkpoint_dir), run)
 
-    model, tokenizer, template = load_model(model_folder)
-    if prepare_model is not None:
-        prepare_model(model)
     trainer_cls = trainer_cls or MidpoDPOTrainer
-    args = dpo_config(cfg, checkpoint_dir, **dict(config_overrides or {}))
-    trainer = trainer_cls(
-        model,
-        args,
-        preference_dataset(rows, template, columns),
-        tokenizer,
-        loss_name=loss_name,
-        loss_params=loss_params,
-        peft_config=peft_lora_config(cfg.lora) if trainer_cls.uses_lora else None,
-        eval_dataset=preference_dataset(eval_data, template, columns) if eval_data else None,
-        callbacks=callbacks,
-        **dict(trainer_kwargs or {}),
-    )
-    resume = last_checkpoint(checkpoint_dir)
-    resumed_step = 0
-    if resume:
-        resumed_step = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
-        log.info("resuming %s from %s (step %d)", loss_name, resume, resumed_step)
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+
+    def build(micro_batch: int, accumulation: int) -> MidpoDPOTrainer:
+        model, tokenizer, template = load_model(model_folder)
+        if prepare_model is not None:
+            prepare_model(model)
+        split = {"per_device_train_batch_size": micro_batch, "gradient_accumulation_steps": accumulation}
+        args = dpo_config(cfg, checkpoint_dir, **{**dict(config_overrides or {}), **split})
+        return trainer_cls(
+            model,
+            args,
+            preference_dataset(rows, template, columns),
+            tokenizer,
+            loss_name=loss_name,
+            loss_params=loss_params,
+            peft_config=peft_lora_config(cfg.lora) if trainer_cls.uses_lora else None,
+            eval_dataset=preference_dataset(eval_data, template, columns) if eval_data else None,
+            callbacks=callbacks,
+            **dict(trainer_kwargs or {}),
+        )
+
+    micro_batch = int((config_overrides or {}).get("per_device_train_batch_size", cfg.per_device_batch_size))
+    accumulation = int((config_overrides or {}).get("gradient_accumulation_steps", cfg.gradient_accumulation_steps))
+    oom_retries = 0
+    while True:
+        trainer = build(micro_batch, accumulation)
+        resume = last_checkpoint(checkpoint_dir)
+        resumed_step = 0
+        if resume:
+            resumed_step = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
+            log.info("resuming %s from %s (step %d)", loss_name, resume, resumed_step)
+        t0 = time.perf_counter()
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+            break
+        except torch.OutOfMemoryError:
+            # half the micro-batch, twice the accumulation: the same effective batch, from the last checkpoint
+            if micro_batch % 2:
+                raise
+            log.warning("%s: out of memory at micro-batch %d; retrying at %d x %d accumulation steps (effective batch %d)",
+                        loss_name, micro_batch, micro_batch // 2, accumulation * 2, micro_batch * accumulation)
+            micro_batch, accumulation, oom_retries = micro_batch // 2, accumulation * 2, oom_retries + 1
+            del trainer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     train_seconds = time.perf_counter() - t0
 
     out_dir = Path(out_dir)
@@ -471,6 +494,9 @@ def train_adapter(
         "total_seconds": time.perf_counter() - t_start,
         "final_loss": float(losses[-1]) if losses else math.nan,
         "mean_loss_this_process": float(result.training_loss),  # transformers averages only the steps run here
+        "micro_batch": float(micro_batch),
+        "gradient_accumulation": float(accumulation),
+        "oom_retries": float(oom_retries),
     }
     if trainer.eval_dataset is not None:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
