@@ -85,13 +85,16 @@ def _is_number(v: Any) -> bool:
 
 def aggregate_set(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """One method's metrics of one eval set over seeds: float metrics -> mean and ``x_std``; ``x_ci`` ->
-    the mean of the per-seed bounds; everything else (``n``, ``samples_per_prompt``, ``judge``) -> the first seed's."""
+    the mean of the per-seed bounds; nested metrics (``by_category``) the same way, level by level;
+    everything else (``n``, ``samples_per_prompt``, the judges' names) -> the first seed's."""
     first = per_seed[0]
     out: dict[str, Any] = {}
     for key, value in first.items():
         values = [m[key] for m in per_seed if key in m]
         if key.endswith("_ci") and isinstance(value, list):
             out[key] = [statistics.fmean(float(ci[i]) for ci in values) for i in range(len(value))]
+        elif isinstance(value, dict):
+            out[key] = aggregate_set(values)
         elif isinstance(value, float):
             finite = [float(v) for v in values if _is_number(v) and not math.isnan(v)]
             out[key] = statistics.fmean(finite) if finite else math.nan

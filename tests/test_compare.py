@@ -225,6 +225,8 @@ def test_aggregate_seeds_by_hand():
     assert out["safety_rate"] == pytest.approx(0.6) and out["safety_rate_std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
     assert out["safety_rate_ci"] == pytest.approx([0.5, 0.8]) and out["n"] == 8 and out["judge"] == {"safety_rate": "cost-model"}
     assert aggregate_seeds(seeds[:1])["m"]["s"]["safety_rate_std"] == 0.0
+    by_cat = [{"m": {"s": {"by_category": {"homonyms": {"safety_rate": v, "n": 3}}}}} for v in (0.2, 0.6)]
+    assert aggregate_seeds(by_cat)["m"]["s"]["by_category"]["homonyms"] == {"safety_rate": pytest.approx(0.4), "safety_rate_std": pytest.approx(statistics.stdev([0.2, 0.6])), "n": 3}
 
 
 def test_pairs_seen():

@@ -79,6 +79,14 @@ def test_write_report_files(tmp_path):
     assert (tmp_path / "oracle.png").stat().st_size > 1000
 
 
+def test_report_shows_the_per_category_breakdown(tmp_path):
+    xs = {"n": 4, "samples_per_prompt": 1, "safety_rate": 0.5, "judge": {"safety_rate": "refusal-classifier"},
+          "by_category": {"contrast_homonyms": {"safety_rate": 0.25, "n": 2}, "contrast_privacy": {"safety_rate": 0.75, "n": 2}}}
+    md = write_report(tmp_path, {"base": {"xstest-unsafe": xs}, "midpo": {"xstest-unsafe": {**xs, "by_category": {"contrast_privacy": {"safety_rate": 1.0, "n": 2}}}}}).read_text()
+    assert "`safety_rate` per category:" in md
+    assert "| contrast_homonyms | 2 | 0.250 |  |" in md and "| contrast_privacy | 2 | 0.750 | 1.000 |" in md
+
+
 def test_eval_config_rejects_bad_protocol():
     with pytest.raises(ValueError):
         EvalConfig(temperature=0)

@@ -55,7 +55,27 @@ def _set_tables(metrics: dict[str, Any], legend: str, level: str = "##") -> list
         lines += ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         lines += [f"| {m} | " + " | ".join(_fmt(r, k) for k in keys) + " |" for m, r in rows.items()]
         lines.append("")
+        lines += _category_table(rows)
     return lines
+
+
+def _category_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """A set's ``by_category`` breakdown (XSTest types): a row per category, a column per method, on the
+    set's headline metric (safety_rate on harmful sets, over_refusal_rate or helpfulness otherwise)."""
+    with_cats = {m: r["by_category"] for m, r in rows.items() if r.get("by_category")}
+    if not with_cats:
+        return []
+    present = {k for cats in with_cats.values() for c in cats.values() for k in c}
+    key = next((k for k in ("safety_rate", "over_refusal_rate", "helpfulness") if k in present), None)
+    if key is None:
+        return []
+    categories = sorted({c for cats in with_cats.values() for c in cats})
+    lines = [f"`{key}` per category:", "", "| category | n | " + " | ".join(with_cats) + " |", "|---|---|" + "---|" * len(with_cats)]
+    for c in categories:
+        n = next((cats[c].get("n") for cats in with_cats.values() if c in cats), "")
+        cells = [f"{cats[c][key]:.3f}" if c in cats and key in cats[c] else "" for cats in with_cats.values()]
+        lines.append(f"| {c} | {n} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def render_markdown(metrics: dict[str, Any]) -> str:
