@@ -207,9 +207,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"profile {cfg.profile} has no eval section")
     if len(args.kind) != len(args.prompts):
         raise ConfigError("give one --kind per --prompts file")
-    refs = run_pipeline(cfg, until=[s.name for s in stages_for(cfg) if s.name in ("judges", "refusal")]).outputs  # cache hits once built
+    folder = model_folder(args.model)  # a bad reference fails before anything is built
+    refs = run_pipeline(cfg, until=[s.name for s in stages_for(cfg) if s.name in ("data", "judges", "refusal")]).outputs  # hits once built
     sets = [prompt_file_set(path, kind) for path, kind in zip(args.prompts, args.kind)] or build_eval_sets(cfg.eval.sets, refs)
-    folder = model_folder(args.model)
     model, tokenizer, template = load_model(folder)
     metrics, _ = evaluate_model(model, tokenizer, template, sets, cfg.eval, judges_for(refs))
     report_dir = args.report_dir or default_report_dir(f"eval-{cfg.profile}")

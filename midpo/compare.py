@@ -190,7 +190,7 @@ def run_shared(cfg: MidpoConfig, with_router: bool) -> dict[str, Any]:
     from midpo.stages import dual_stage
     from midpo.train.passes import scores_artifact
 
-    summary = run_pipeline(cfg, until=[n for n in ("judges", "refusal", "refs") if n in [s.name for s in stages_for(cfg)]])
+    summary = run_pipeline(cfg, until=[s.name for s in stages_for(cfg) if s.name in ("data", "judges", "refusal", "refs")])
     seconds = {name: summary.stage_seconds[name] for name in SHARED_STAGES if name in summary.stage_seconds}
     hits = [name for name in SHARED_STAGES if name in summary.cache_hits]
     out = summary.outputs

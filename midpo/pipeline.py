@@ -38,7 +38,7 @@ class Stage:
     name: str
     section: str  # the only config section the stage receives; a profile without it skips the stage
     run: Callable[[Any, dict[str, ArtifactRef], bool], StageOutput]  # (section, inputs, dry_run)
-    needs: tuple[str, ...] = ()  # the stages whose outputs it reads (those the profile runs)
+    needs: tuple[str, ...] = ()  # the stages it runs after (those the profile runs); it reads everything upstream
     gpu: bool = False  # trains or runs the language model or its score models: a GPU task where there is one
 
 
@@ -54,7 +54,7 @@ STAGES: list[Stage] = [
     Stage("dual", "router", stages.dual_stage, ("experts",)),
     Stage("router", "router", stages.router_stage, ("dual", "experts"), gpu=True),
     Stage("moe", "router", stages.moe_stage, ("router",)),
-    Stage("eval", "eval", stages.eval_stage, ("judges", "refusal", "experts"), gpu=True),  # base, experts, baselines: beside the router
+    Stage("eval", "eval", stages.eval_stage, ("judges", "refusal", "experts"), gpu=True),  # base, experts, baselines
     Stage("eval-midpo", "eval", stages.eval_stage, ("eval", "moe"), gpu=True),  # the MoE, against the same base samples
     Stage("register", "registry", stages.register_stage, ("moe", "eval-midpo")),
 ]
@@ -155,15 +155,30 @@ def run_graph(plan: list[Stage], run_one: Callable[[Stage, dict[str, ArtifactRef
     stages from starting; those running finish and keep what they published."""
     graph = {s.name: s for s in plan}
     done: dict[str, StageOutput] = {}
+    order = [s.name for s in plan]
 
     def inputs_of(stage: Stage) -> dict[str, ArtifactRef]:
-        return {k: v for n in sorted(upstream(stage.name, graph)) for k, v in done[n].outputs.items()}
+        up = upstream(stage.name, graph)
+        return {k: v for n in order if n in up for k, v in done[n].outputs.items()}
+
+    def ready(pending: list[Stage]) -> list[Stage]:
+        return [s for s in pending if all(n in done for n in s.needs if n in graph)]
 
     pending = list(plan)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stage") as pool:
+    if workers <= 1:  # in the calling thread: Ctrl-C stops the running stage, not only the next one
+        while pending:
+            if not ready(pending):
+                raise ValueError(f"stages {', '.join(s.name for s in pending)} wait on each other")
+            stage = ready(pending)[0]
+            pending.remove(stage)
+            done[stage.name] = run_one(stage, inputs_of(stage))
+        return done
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage") as pool:
         running: dict[Future[StageOutput], Stage] = {}
         while pending or running:
-            for stage in [s for s in pending if all(n in done for n in s.needs if n in graph)][: max(1, workers) - len(running)]:
+            if not running and not ready(pending):
+                raise ValueError(f"stages {', '.join(s.name for s in pending)} wait on each other")
+            for stage in ready(pending)[: workers - len(running)]:
                 pending.remove(stage)
                 # in the caller's context (a Prefect flow run's, when the flow drives the graph)
                 running[pool.submit(contextvars.copy_context().run, run_one, stage, inputs_of(stage))] = stage

@@ -147,7 +147,7 @@ def refusal_stage(cfg: JudgesConfig, inputs: dict[str, ArtifactRef], dry_run: bo
 
 def refs_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
     """The base's reference log-probs of both responses of every pair, shared by every method and the router;
-    it needs no judge, so it runs beside them."""
+    it needs no judge."""
     from midpo.train.passes import reference_artifact, reference_key
 
     base, dataset = _need(inputs, "base", "refs"), _need(inputs, "dataset", "refs")
@@ -270,7 +270,8 @@ METHODS = ("base", "safety-expert", "helpfulness-expert", "midpo", "merge-half",
 
 
 def judges_for(inputs: dict[str, ArtifactRef]) -> Any:
-    """The judges stage's reward, cost and refusal models, loaded once, as evaluation judges."""
+    """The reward and cost models (judges stage) and the refusal classifier (refusal stage), loaded once, as
+    evaluation judges."""
     from midpo.eval.evaluate import Judges
     from midpo.judges.refusal import RefusalJudge
     from midpo.judges.scorer import Scorer
@@ -298,7 +299,7 @@ class EvalJob:
     def key(self) -> str:
         versions = {
             "model": self.model.version,
-            "sets": content_hash([[es.name, es.kind, es.prompts] for es in self.sets]),
+            "sets": content_hash([[es.name, es.kind, es.prompts, es.world, es.safety_judge, es.categories] for es in self.sets]),
             "judges": {k: v.version for k, v in self.judges.items()},
             "reference": self.reference.version if self.reference else None,
             "eval": self.cfg.protocol(),
@@ -337,7 +338,7 @@ def eval_stage(cfg: EvalConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
     """Evaluate every model among the inputs (:data:`METHODS`) that has no evaluation there yet, on the eval
     sets: the base first (its samples are the reference of the others' ``win_rate_vs_base``), then the
     others ``cfg.parallel`` at a time in child processes. The pipeline runs it twice: for the base, experts
-    and baselines while the router trains, then for the MoE."""
+    and baselines once they exist, then for the MoE."""
     from midpo.eval.sets import build_eval_sets
 
     sets = build_eval_sets(cfg.sets, inputs)

@@ -127,6 +127,8 @@ def test_judges_per_kind_and_judge_names():
     values, judge = judges.values(unsafe, ["p"], [["sorry no", "a b c d e"]])
     assert judge == {"mean_cost": "cost-model", "safety_rate": "refusal-classifier"}
     assert values["safety_rate"] == [[1.0, 0.0]]
+    no_refusal_judge = Judges(reward=_LengthScorer(), cost=_LengthScorer())  # the cost model decides instead
+    assert no_refusal_judge.values(unsafe, ["p"], [["sorry no"]])[1] == {"mean_cost": "cost-model", "safety_rate": "cost-model"}
     assert Judges().values(world_harmful, ["p"], [["x"]]) == ({}, {})
 
 

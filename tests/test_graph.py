@@ -52,6 +52,13 @@ def test_a_failed_stage_stops_what_depends_on_it():
     assert ran == ["a", "b"]
 
 
+def test_stages_waiting_on_each_other_are_an_error_not_a_hang():
+    loop = [_stage("a", ("b",)), _stage("b", ("a",))]
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="wait on each other"):
+            run_graph(loop, lambda s, i: StageOutput({}), workers=workers)
+
+
 def test_plans_follow_needs():
     names = [s.name for s in STAGES]
     graph = {s.name: s for s in STAGES}

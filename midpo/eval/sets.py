@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
+
 from midpo.config import ConfigError
 from midpo.data.prepare import DataError, load_pairs_table
 from midpo.data.readers import read_source
@@ -50,14 +52,13 @@ def _xstest_set(name: str) -> EvalSet:
     return EvalSet(name, kind, [r.prompt for r in records], world=False, categories=[r.category for r in records], safety_judge=judge)
 
 
-def _dataset_set(name: str, dataset: ArtifactRef) -> EvalSet:
+def _dataset_set(name: str, dataset: ArtifactRef, rows: list[dict[str, Any]]) -> EvalSet:
     fmt, kind = DATASET_SETS[name]
     meta = json.loads((local_copy(f"{dataset.uri}/meta.json")).read_text())
     sources = {s["uri"] for s in meta.get("sources", []) if s.get("format") == fmt}
     if not sources:
         raise ConfigError(f"eval.sets: {name} needs a data source of format {fmt!r}; this profile's dataset has none")
-    table = load_pairs_table(dataset)
-    prompts = sorted({r["prompt"] for r in table if r["split"] == "eval" and r["source"] in sources and r["prompt_kind"] == kind and not r["context"]})
+    prompts = sorted({r["prompt"] for r in rows if r["split"] == "eval" and r["source"] in sources and r["prompt_kind"] == kind and not r["context"]})
     random.Random(f"{name}:{dataset.version}").shuffle(prompts)  # eval.n_per_set takes a random head, not an alphabetical one
     if not prompts:
         raise DataError(f"eval set {name}: the dataset's eval split has no single-turn {kind} prompt from {', '.join(sorted(sources))}")
@@ -75,6 +76,9 @@ def build_eval_sets(names: list[str], refs: dict[str, ArtifactRef]) -> list[Eval
     unknown = [n for n in names if n not in SET_KINDS]
     if unknown:
         raise ConfigError(f"eval.sets: unknown set {', '.join(unknown)} (known: {', '.join(SET_KINDS)})")
+    if any(n in DATASET_SETS for n in names) and "dataset" not in refs:
+        raise ConfigError(f"eval.sets: {', '.join(n for n in names if n in DATASET_SETS)} need the prepared dataset, which this run did not build")
+    rows = list(load_pairs_table(refs["dataset"])) if "dataset" in refs else []  # read once for every set and the check
     sets = []
     for name in names:
         if name in WORLD_SETS:
@@ -84,18 +88,21 @@ def build_eval_sets(names: list[str], refs: dict[str, ArtifactRef]) -> list[Eval
         elif name in XSTEST_SETS:
             sets.append(_xstest_set(name))
         else:
-            sets.append(_dataset_set(name, refs["dataset"]))
+            sets.append(_dataset_set(name, refs["dataset"], rows))
     if "dataset" in refs:
-        assert_unseen(sets, refs["dataset"])
+        _assert_unseen(sets, refs["dataset"].version, rows)
     return sets
 
 
 def assert_unseen(sets: list[EvalSet], dataset: ArtifactRef) -> None:
     """Refuse to evaluate on a prompt that occurs in the dataset's training split (models and score models train there)."""
-    train = {normalize_prompt(r["prompt"]) for r in load_pairs_table(dataset) if r["split"] == "train"}
+    _assert_unseen(sets, dataset.version, list(load_pairs_table(dataset)))
+
+
+def _assert_unseen(sets: list[EvalSet], version: str, rows: list[dict[str, Any]]) -> None:
+    train = {normalize_prompt(r["prompt"]) for r in rows if r["split"] == "train"}
     seen = {es.name: [p for p in es.prompts if normalize_prompt(p) in train] for es in sets}
     seen = {k: v for k, v in seen.items() if v}
     if seen:
         detail = "; ".join(f"{k}: {len(v)} prompts, e.g. {v[0][:60]!r}" for k, v in seen.items())
-        raise DataError(f"eval prompts occur in the training split of dataset {dataset.version}: {detail}")
-
+        raise DataError(f"eval prompts occur in the training split of dataset {version}: {detail}")

@@ -437,7 +437,7 @@ def train_adapter(
         model, tokenizer, template = load_model(model_folder)
         if prepare_model is not None:
             prepare_model(model)
-        split = {"per_device_train_batch_size": micro_batch, "gradient_accumulation_steps": accumulation}
+        split = {"per_device_train_batch_size": micro_batch, "per_device_eval_batch_size": micro_batch, "gradient_accumulation_steps": accumulation}
         args = dpo_config(cfg, checkpoint_dir, **{**dict(config_overrides or {}), **split})
         return trainer_cls(
             model,
@@ -466,17 +466,18 @@ def train_adapter(
         try:
             result = trainer.train(resume_from_checkpoint=resume)
             break
-        except torch.OutOfMemoryError:
-            # half the micro-batch, twice the accumulation: the same effective batch, from the last checkpoint
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError on torch >= 2.5, the same class
             if micro_batch % 2:
                 raise
-            log.warning("%s: out of memory at micro-batch %d; retrying at %d x %d accumulation steps (effective batch %d)",
-                        loss_name, micro_batch, micro_batch // 2, accumulation * 2, micro_batch * accumulation)
-            micro_batch, accumulation, oom_retries = micro_batch // 2, accumulation * 2, oom_retries + 1
-            del trainer
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # half the micro-batch, twice the accumulation: the same effective batch, from the last checkpoint.
+        # Out of the except block, so the failed step's frames (and the tensors they hold) are gone first.
+        log.warning("%s: out of memory at micro-batch %d; retrying at %d x %d accumulation steps (effective batch %d)",
+                    loss_name, micro_batch, micro_batch // 2, accumulation * 2, micro_batch * accumulation)
+        micro_batch, accumulation, oom_retries = micro_batch // 2, accumulation * 2, oom_retries + 1
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     train_seconds = time.perf_counter() - t0
 
     out_dir = Path(out_dir)
