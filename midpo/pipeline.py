@@ -91,7 +91,8 @@ def apply_runtime(run: RunConfig) -> None:
     inherit them through OMP_NUM_THREADS and split them (midpo.parallel)."""
     import torch
 
-    threads = run.torch_threads or len(os.sched_getaffinity(0))  # the cores this process may run on
+    # the cores this process may run on (sched_getaffinity is Linux-only; macOS has every core)
+    threads = run.torch_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
