@@ -195,7 +195,7 @@ def dual_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool 
     store = ArtifactStore()
     version = content_hash({"dataset": dataset.version, "scores": scores.version, "rule": cfg.dual_rule, "choice": cfg.reward_choice})[:16]
     key = f"dual/{version}"
-    ref = ArtifactRef(store.uri(key), version)
+    ref = store.ref(key)
     if store.is_complete(key) or dry_run:
         counts = store.manifest(key)["metadata"]["counts"] if store.is_complete(key) else {}
         return StageOutput({"dual": ref}, _count_metrics(counts), store.is_complete(key))
@@ -226,7 +226,7 @@ def router_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: boo
     versions = {n: r.version for n, r in needed.items()}
     version = content_hash({**versions, "training": cfg.training.recipe(), "gate": dataclasses.asdict(cfg.gate), "reg_weight": cfg.reg_weight})[:16]
     key = f"routers/{version}"
-    ref = ArtifactRef(store.uri(key), version)
+    ref = store.ref(key)
     curves = {"router-training": f"{ref.uri}/{LOG_HISTORY}"}  # not "router": that is the stage run
     if store.is_complete(key):
         return StageOutput({"router": ref}, store.manifest(key)["metadata"]["metrics"], True, curves)
@@ -256,7 +256,7 @@ def moe_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: bool =
     store = ArtifactStore()
     version = content_hash({n: r.version for n, r in parts.items()})[:16]
     key = f"models/midpo/{version}"
-    ref = ArtifactRef(store.uri(key), version)
+    ref = store.ref(key)
     if store.is_complete(key) or dry_run:
         return StageOutput({"midpo": ref}, {}, store.is_complete(key))
     with tempfile.TemporaryDirectory(prefix="midpo-moe-") as tmp:

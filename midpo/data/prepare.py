@@ -135,9 +135,9 @@ def prepare(cfg: DataConfig, store: ArtifactStore | None = None, dry_run: bool =
     key = f"datasets/{version}"
     if store.is_complete(key):
         log.info("dataset %s already prepared at %s: nothing to do", version, store.uri(key))
-        return PreparedData(ArtifactRef(store.uri(key), version), store.manifest(key)["metadata"], True, problems)
+        return PreparedData(store.ref(key), store.manifest(key)["metadata"], True, problems)
     if dry_run:
-        return PreparedData(ArtifactRef(store.uri(key), version), {"version": version}, False, problems)
+        return PreparedData(store.ref(key), {"version": version}, False, problems)
 
     splits = {p.pair_id: split_of(p, cfg.eval_fraction, cfg.split_seed) for p in pairs}
     by_split = {s: [p for p in pairs if splits[p.pair_id] == s] for s in SPLITS}

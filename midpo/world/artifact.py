@@ -36,9 +36,9 @@ def build_world(cfg: WorldConfig, store: ArtifactStore, dry_run: bool = False) -
     version = content_hash(dataclasses.asdict(cfg))[:16]
     key = f"worlds/{version}"
     if store.is_complete(key):
-        return ArtifactRef(store.uri(key), version), store.manifest(key)["metadata"], True
+        return store.ref(key), store.manifest(key)["metadata"], True
     if dry_run:
-        return ArtifactRef(store.uri(key), version), {}, False
+        return store.ref(key), {}, False
     pairs = generate_pairs(cfg)
     summary = {**world_summary(cfg), "dual": dual_counts(pairs), "noise": noise_summary(pairs)}
     with tempfile.TemporaryDirectory(prefix="midpo-world-") as tmp:
