@@ -88,19 +88,20 @@ class MoEInputs:
 
 def pipeline_inputs(cfg: Any) -> MoEInputs:
     """The base and both trained experts from the pipeline (run, or cached under MIDPO_HOME, up to the
-    experts stage); prompts from the safety subset's eval split, then its train split."""
+    expert stages); prompts from the safety subset's eval split, then its train split."""
     from midpo.config import ConfigError
     from midpo.data.prepare import load_subset
     from midpo.pipeline import run_pipeline, stages_for
     from midpo.storage import ArtifactStore
 
-    try:  # all cached: the plan's outputs, and no stage (nor the experts stage's child processes) runs
-        planned = run_pipeline(cfg, until="experts", dry_run=True)
-        complete = len(planned.cache_hits) == len(stages_for(cfg, "experts"))
+    experts = ["safety-expert", "helpfulness-expert"]
+    try:  # all cached: the plan's outputs, and no stage runs
+        planned = run_pipeline(cfg, until=experts, dry_run=True)
+        complete = len(planned.cache_hits) == len(stages_for(cfg, experts))
     except Exception as e:  # noqa: BLE001 - a plan past a missing artifact cannot resolve; the real run can
         log.debug("no complete cached plan (%s): running the pipeline", e)
         complete = False
-    outputs = planned.outputs if complete else run_pipeline(cfg, until="experts").outputs
+    outputs = planned.outputs if complete else run_pipeline(cfg, until=experts).outputs
     if "safety-expert" not in outputs:
         raise ConfigError(f"profile {cfg.profile} trains no experts (no training section): pass --experts random")
     store = ArtifactStore()

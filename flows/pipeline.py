@@ -1,21 +1,30 @@
 """The ``midpo`` flow: the stage graph of ``midpo.pipeline.STAGES``, one task run per stage.
 
-It is ``midpo run`` with each stage executed as a Prefect task (``midpo_tasks.stages.execute``): the same
-scheduler (``midpo.pipeline.run_graph``), the same MLflow parent run, the same artifacts and cache hits. Deployed as ``midpo/full-pipeline`` (prefect.yaml):
+``run_pipeline`` schedules the graph (a stage starts once its upstream stages are done; the two experts
+side by side); each stage runs as a task run of ``midpo_tasks.stages.run_stage``. ``midpo run`` calls this
+flow on its own Prefect API; deployed as ``midpo/full-pipeline`` (prefect.yaml) it runs on a worker:
 ``prefect deployment run midpo/full-pipeline``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from midpo_tasks.stages import execute
 from prefect import flow
 
 from midpo.config import load_config
-from midpo.pipeline import run_pipeline
+from midpo.pipeline import default_report_dir, run_pipeline
+from midpo.storage import use_standard_s3_retries
 
 
-@flow(name="midpo", log_prints=False)
-def midpo(profile: str = "tiny", overrides: list[str] | None = None) -> dict[str, str]:
-    """Run the pipeline on ``profile``; returns the URI of every output artifact."""
-    summary = run_pipeline(load_config(profile, overrides or []), execute=execute)
-    return {name: ref.uri for name, ref in summary.outputs.items()}
+@flow(name="midpo")
+def midpo(profile: str = "tiny", overrides: list[str] | None = None, report_dir: str | None = None) -> dict[str, Any]:
+    """Run the pipeline on ``profile`` (a name or a YAML file) with ``overrides`` (``key=value``); the
+    report goes to ``report_dir`` (default under ``$MIDPO_HOME/reports``) and into the MLflow parent run.
+    Returns the run summary: stage seconds, cache hits, the URI of every output, the report folder."""
+    use_standard_s3_retries()
+    cfg = load_config(profile, overrides or [])
+    summary = run_pipeline(cfg, Path(report_dir) if report_dir else default_report_dir(cfg.profile), execute=execute)
+    return summary.to_dict()

@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from midpo.config import ConfigError
+from midpo.config import ConfigError, MidpoConfig
 
 log = logging.getLogger("midpo")
 
@@ -69,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--jsonl", action="store_true", help="print one JSON object {prompt, response} per line")
     gen.set_defaults(func=cmd_generate)
 
+    promote = sub.add_parser("promote", help="the promotion gate: candidate vs champion on the gate set; exit 0 promoted, 3 refused (docs/lifecycle.md)")
+    _profile_args(promote)
+    which = promote.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="the candidate version (default: the registry alias `challenger`)")
+    which.add_argument("--run-id", help="the candidate is the version this MLflow run (a pipeline run or its register stage) registered")
+    which.add_argument("--rollback", action="store_true", help="point `champion` back at the previous champion")
+    promote.add_argument("--force", action="store_true", help="promote even when the gate refuses (recorded as forced)")
+    promote.set_defaults(func=cmd_promote)
+
     bench = sub.add_parser("bench", help="benchmarks against a stock baseline (docs/benchmarks.md)").add_subparsers(dest="bench_command", required=True)
     experts = bench.add_parser("experts", help="SPE-DPO expert training vs stock TRL DPOTrainer")
     _profile_args(experts)
@@ -86,12 +96,63 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--device", help="cpu or cuda (default cuda when available)")
     moe.add_argument("--threads", type=int, help="torch threads (default: the profile's run.torch_threads, else 1)")
     moe.set_defaults(func=cmd_bench_moe)
+    pipeline = bench.add_parser("pipeline", help="orchestration overhead of a first run and the cost of a rerun (docs/benchmarks.md)")
+    _profile_args(pipeline)
+    pipeline.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="also write every figure to this JSON file")
+    pipeline.set_defaults(func=cmd_bench_pipeline)
+
+    retrain = sub.add_parser("retrain", help="one poll of a watched prefix: ingest new preference files, retrain when the dataset changed (docs/lifecycle.md)")
+    _profile_args(retrain)
+    retrain.add_argument("--prefix", required=True, help="the watched prefix: s3://bucket/prefix/, a folder or file://")
+    retrain.add_argument("--force", action="store_true", help="run the pipeline even when the dataset version did not change")
+    retrain.add_argument("--report-dir", type=Path, help="where metrics.json and the report go when it runs")
+    retrain.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    retrain.set_defaults(func=cmd_retrain)
+
+    from midpo import retention  # `midpo prune`: the retention policy (docs/lifecycle.md)
+
+    prune = sub.add_parser("prune", help="the retention policy: delete old model versions and artifacts, never an aliased version or what it references (docs/lifecycle.md)")
+    prune.add_argument("--keep-versions", type=int, default=retention.DEFAULT_KEEP_VERSIONS, metavar="N", help=f"keep the newest N versions of each pruned model (default {retention.DEFAULT_KEEP_VERSIONS})")
+    prune.add_argument("--older-than", type=float, default=retention.DEFAULT_OLDER_THAN_DAYS, metavar="DAYS", help=f"delete only what is older than DAYS (default {retention.DEFAULT_OLDER_THAN_DAYS:g})")
+    prune.add_argument("--keep-artifacts", type=int, default=retention.DEFAULT_KEEP_ARTIFACTS, metavar="N", help=f"keep the newest N versions of each artifact family (default {retention.DEFAULT_KEEP_ARTIFACTS})")
+    prune.add_argument("--model", action="append", dest="models", metavar="NAME", help="the registered model to prune (repeatable; default midpo)")
+    prune.add_argument("--dry-run", action="store_true", help="print the plan (what would be deleted, bytes freed); delete nothing")
+    prune.add_argument("--yes", action="store_true", help="delete without asking")
+    prune.add_argument("--keep-logged-models", action="store_true", help="do not mark the logged models of deleted versions deleted")
+    prune.add_argument("--json", action="store_true", help="print the plan (and what was deleted) as one JSON object")
+    prune.add_argument("--no-registry-check", dest="check_registry", action="store_false", help="prune even when the registry has no such model or its versions reference another artifact root")
+    prune.set_defaults(func=cmd_prune)
 
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved, validated config as YAML")
     _profile_args(show)
     show.set_defaults(func=cmd_config_show)
+
+    stack = sub.add_parser("stack", help="a local Prefect server + worker, MLflow server and S3 endpoint (docs/stack.md)").add_subparsers(dest="stack_command", required=True)
+    stack_up = stack.add_parser("up", help="start the local stack (state and logs in $MIDPO_HOME/stack)")
+    stack_up.add_argument("--gpu-slots", type=int, default=2, help="the Prefect concurrency limit `gpu`: stages that run a model at once (default 2)")
+    stack_up.set_defaults(func=cmd_stack)
+    stack.add_parser("down", help="stop every process of the local stack").set_defaults(func=cmd_stack)
+    stack_status = stack.add_parser("status", help="health of each service (exit 0 when all are up)")
+    stack_status.add_argument("--env", action="store_true", help='print only `export NAME=value` lines, for eval "$(midpo stack status --env)"')
+    stack_status.set_defaults(func=cmd_stack)
     return parser
+
+
+def portable_profile(profile: str) -> str:
+    """A profile name as it is, a profile file as an absolute path: a flow run may start in another directory."""
+    return str(Path(profile).resolve()) if Path(profile).is_file() else profile
+
+
+def run_flow(cfg: MidpoConfig, profile: str, overrides: list[str], report_dir: Path) -> dict[str, Any]:
+    """The ``midpo`` flow, as ``prefect deployment run midpo/full-pipeline`` runs it, in this process."""
+    from midpo_flows.api import prefect_api
+
+    with prefect_api(cfg) as slots:
+        from midpo_flows.pipeline import midpo
+
+        log.info("stages that run a model: %d at once (Prefect concurrency limit `gpu`)", slots)
+        return midpo(profile=profile, overrides=overrides, report_dir=str(report_dir))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -99,22 +160,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from midpo.pipeline import default_report_dir, run_pipeline, stages_for
 
     cfg = load_config(args.profile, args.overrides)
-    summary = run_pipeline(cfg, report_dir=args.report_dir or default_report_dir(cfg.profile), dry_run=args.dry_run)
+    if args.dry_run:
+        run, report = run_pipeline(cfg, dry_run=True).run_section(), None
+    else:
+        profile = portable_profile(args.profile)
+        result = run_flow(cfg, profile, args.overrides, args.report_dir or default_report_dir(cfg.profile))
+        run, report = result["run"], result["report_dir"]
     budgets = cfg.run.stage_budgets
     for stage in stages_for(cfg):
-        status = "cache hit" if stage.name in summary.cache_hits else ("would run" if args.dry_run else "ran")
-        line = f"{stage.name:10s} {status:10s}"
+        status = "cache hit" if stage.name in run["cache_hits"] else ("would run" if args.dry_run else "ran")
+        line = f"{stage.name:18s} {status:10s}"
         if not args.dry_run:
-            seconds, budget = summary.stage_seconds[stage.name], budgets.get(stage.name)
+            seconds, budget = run["stage_seconds"][stage.name], budgets.get(stage.name)
             over = budget is not None and seconds > budget
             line += f" {seconds:7.1f} s" + (f"  (budget {budget:.0f} s{', OVER' if over else ''})" if budget is not None else "")
         print(line)
     if not args.dry_run:
-        total = cfg.run.budget
-        over = total is not None and summary.wall_seconds > total
-        print(f"{'total':10s} {'':10s} {summary.wall_seconds:7.1f} s" + (f"  (budget {total:.0f} s{', OVER' if over else ''})" if total is not None else ""))
-    if summary.report_dir is not None:
-        print(f"report: {summary.report_dir / 'report.md'}  (metrics.json, plots beside it)")
+        total, wall = cfg.run.budget, run["wall_seconds"]
+        over = total is not None and wall > total
+        print(f"{'total':18s} {'':10s} {wall:7.1f} s" + (f"  (budget {total:.0f} s{', OVER' if over else ''})" if total is not None else ""))
+    if report is not None:
+        print(f"report: {Path(report) / 'report.md'}  (metrics.json, plots beside it)")
     return 0
 
 
@@ -270,6 +336,68 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """The gate's decision table and decision; exit 0 promoted (or already champion), 3 refused, 1 errors."""
+    from midpo.config import load_config
+    from midpo.promote import PromotionError, check_request, promote, rollback
+
+    cfg = load_config(args.profile, args.overrides)
+    try:
+        check_request(args.version, args.run_id, args.force, args.rollback)
+        decision = rollback(cfg) if args.rollback else promote(cfg, version=args.version, run_id=args.run_id, force=args.force)
+    except PromotionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(decision.report())
+    return decision.exit_code
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """The retention plan, then its deletions once confirmed; 0 done (or dry run), 1 refused (no confirmation,
+    registry mismatch, an unreadable manifest) or a deletion failed. Not beside `midpo promote` (docs/lifecycle.md)."""
+    import json
+
+    from midpo.retention import DEFAULT_MODELS, RetentionError, apply, human_bytes, make_plan
+
+    try:
+        plan = make_plan(
+            models=args.models or list(DEFAULT_MODELS), keep_versions=args.keep_versions, older_than_days=args.older_than,
+            keep_artifacts=args.keep_artifacts, check_registry=args.check_registry,
+        )  # fmt: skip
+    except (RetentionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    doc = plan.to_dict()
+    if not args.json:
+        print(plan.format(verbose=args.verbose))
+    if args.dry_run or not plan.deletions():
+        if args.json:
+            print(json.dumps({**doc, "dry_run": args.dry_run, "deleted": []}))
+        else:
+            print("dry run: nothing deleted" if args.dry_run else "nothing to delete")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("error: nothing deleted: confirm with --yes (or look first with --dry-run)", file=sys.stderr)
+            return 1
+        answer = input(f"delete {len(plan.deletions())} item(s), {human_bytes(plan.bytes_freed)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    try:
+        out = apply(plan, delete_logged_models=not args.keep_logged_models)
+    except RetentionError as e:  # the artifacts' re-check could not read a manifest: none deleted
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({**doc, "dry_run": False, "deleted": [i.to_dict() for i in out.deleted],
+                          "skipped": [{**i.to_dict(), "why": w} for i, w in out.skipped],
+                          "failed": [{**i.to_dict(), "error": e} for i, e in out.failed]}))  # fmt: skip
+    else:
+        print(f"deleted {len(out.deleted)} item(s), freed {human_bytes(out.bytes_freed)}; skipped {len(out.skipped)}, failed {len(out.failed)}")
+    return 1 if out.failed else 0
+
+
 def cmd_bench_experts(args: argparse.Namespace) -> int:
     from midpo_bench.experts import format_report, run
 
@@ -284,11 +412,50 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from midpo_bench.pipeline import format_report, run
+
+    print(format_report(run(args.profile, args.overrides, args.json_path)))
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """One poll of the ``midpo-retrain`` flow in this process, as ``prefect deployment run midpo-retrain/retrain`` runs it."""
+    import json
+
+    from midpo_flows.api import prefect_api
+
+    from midpo.config import load_config
+    from midpo.retrain import format_summary
+
+    profile = portable_profile(args.profile)
+    with prefect_api(load_config(args.profile, args.overrides)):
+        from midpo_flows.retrain import midpo_retrain
+
+        out = midpo_retrain(prefix=args.prefix, profile=profile, overrides=args.overrides, force=args.force, report_dir=str(args.report_dir) if args.report_dir else None)
+    print(json.dumps(out) if args.json else format_summary(out))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from midpo.config import load_config
 
     print(load_config(args.profile, args.overrides).to_yaml(), end="")
     return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from midpo import stack
+
+    try:
+        if args.stack_command == "up":
+            return stack.up(args.gpu_slots)
+        if args.stack_command == "down":
+            return stack.down()
+        return stack.status(env=args.env)
+    except stack.StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow", "urllib3", "botocore", "httpx", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from midpo.storage import use_standard_s3_retries
+
+    use_standard_s3_retries()
     from midpo.data.prepare import DataError
     from midpo.data.readers import Unreadable
     from midpo.storage import NotFound
@@ -306,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, NotFound, Unreadable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished artifacts are kept; a rerun resumes from them and from the last checkpoints", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

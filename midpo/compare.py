@@ -1,7 +1,7 @@
 """``midpo compare``: every method of the comparison on the same data and base, over several seeds.
 
-The shared, seed-independent work runs once: the world, data, base, refusal, judges and refs stages, then
-the response scores pass of the experts stage and D_dual, each timed on its own.
+The shared, seed-independent stages run once: world, data, base, refusal, judges, the shared passes
+(reference log-probs, response scores) and D_dual, each timed on its own.
 Then, for seed offset ``s`` in ``range(seeds)``, the whole pipeline runs with the training, router and
 evaluation seeds of the profile plus ``s`` and ``training.baselines`` = the requested baselines: the
 shared stages are cache hits, the methods train and every model is evaluated with that seed's sampling.
@@ -35,7 +35,7 @@ from midpo.storage import ArtifactRef, ArtifactStore
 
 log = logging.getLogger(__name__)
 
-SHARED_STAGES = ("world", "data", "base", "refusal", "judges", "refs")  # seed-independent pipeline stages
+SHARED_STAGES = ("world", "data", "base", "refusal", "judges", "passes", "dual")  # seed-independent pipeline stages
 SAMPLE_PROMPTS = 2  # eval prompts per set shown side by side in the report
 COST_KEYS = ("train_seconds", "trainable_params", "pairs_seen")
 
@@ -146,7 +146,7 @@ def method_costs(cfg: MidpoConfig, summary: RunSummary, methods: list[str]) -> d
     from midpo.train.methods import EXPERTS, MERGED
     from midpo.train.methods import METHODS as TRAINED
 
-    experts_metrics = summary.stage_metrics.get("experts", {})
+    experts_metrics = {k: v for stage in (*EXPERTS, "baselines") for k, v in summary.stage_metrics.get(stage, {}).items()}
     trained = {name: _trained_cost(experts_metrics, f"{name}.", cfg.training.for_method(name)) for name in TRAINED if f"{name}.train_seconds" in experts_metrics}
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -177,30 +177,14 @@ def mean_costs(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str,
 # The shared stages, once
 
 
-def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - t0
-
-
 def run_shared(cfg: MidpoConfig, with_router: bool) -> dict[str, Any]:
-    """World, data, base, the judges and the reference log-probs (one pipeline run up to those), then the
-    response scores and D_dual, each timed: ``{"seconds": {stage: s}, "cache_hits": [...], "total_seconds": s}``.
-    The seeds' pipeline runs then find all of them in the artifact store."""
-    from midpo.stages import dual_stage
-    from midpo.train.passes import scores_artifact
-
-    summary = run_pipeline(cfg, until=[s.name for s in stages_for(cfg) if s.name in ("data", "judges", "refusal", "refs")])
+    """The seed-independent stages, one pipeline run up to them (world, data, base, refusal, judges, the
+    shared passes, and D_dual when the router is compared), each timed: ``{"seconds": {stage: s},
+    "cache_hits": [...], "total_seconds": s}``. The seeds' pipeline runs then find all of them."""
+    targets = ("data", "judges", "refusal", "passes", *(("dual",) if with_router else ()))
+    summary = run_pipeline(cfg, until=[s.name for s in stages_for(cfg) if s.name in targets])
     seconds = {name: summary.stage_seconds[name] for name in SHARED_STAGES if name in summary.stage_seconds}
     hits = [name for name in SHARED_STAGES if name in summary.cache_hits]
-    out = summary.outputs
-    store = ArtifactStore()
-    if all(k in out for k in ("reward", "cost", "dataset")):
-        (scores, scores_hit), seconds["scores"] = _timed(scores_artifact, out["reward"], out["cost"], out["dataset"], store)
-        hits += ["scores"] if scores_hit else []
-        if with_router and cfg.router is not None:
-            dual, seconds["dual"] = _timed(dual_stage, cfg.router, {"dataset": out["dataset"], "scores": scores})
-            hits += ["dual"] if dual.cache_hit else []
     judges = {k: v for stage in ("judges", "refusal") for k, v in summary.stage_metrics.get(stage, {}).items() if k in JUDGE_METRICS}
     return {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "cache_hits": hits, "total_seconds": round(sum(seconds.values()), 3), "judges": judges}
 

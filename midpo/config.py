@@ -126,7 +126,7 @@ class TrainingConfig:
     # Mirror checkpoints under the artifact root (``checkpoints/<run key>``) so a retry on another machine
     # resumes; off, they stay under $MIDPO_HOME/checkpoints. Where checkpoints go never changes a result.
     sync_checkpoints: bool = False
-    parallel: int = 2  # methods trained at once, each in its own child process (the two experts overlap)
+    parallel: int = 2  # baselines trained at once, each in its own child process
     logging_steps: int = 10  # a point of the training curves every N optimizer steps
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Methods trained beyond the two experts (midpo-method.md baselines; `midpo compare` asks for all).
@@ -225,6 +225,15 @@ class RunConfig:
     # Intra-op threads of torch (null: one per core this process may run on). Jobs run in parallel child
     # processes split them (midpo.parallel); the tiny world trains 1.5x faster on 2 threads than on 1.
     torch_threads: int | None = None
+    # Stages that run a model at once under `midpo run` (the `gpu` concurrency limit of its own Prefect API;
+    # null: one per visible GPU, 1 without one). A deployed flow uses its server's limit (`midpo stack up`).
+    gpu_slots: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.gpu_slots is not None and self.gpu_slots < 1:
+            raise ValueError(f"gpu_slots must be >= 1, got {self.gpu_slots}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
 
 
 @dataclass
@@ -252,6 +261,9 @@ class RegistryConfig:
 
     model_name: str = "midpo"
     alias: str = "challenger"  # the latest candidate; promotion moves `champion`
+    # The promotion gate's sets (eval set names; null: the profile's eval.sets), each cut to eval.n_per_set
+    # prompts and versioned by their content (docs/lifecycle.md). Another gate set re-evaluates the champion.
+    gate_sets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.model_name or not self.alias:

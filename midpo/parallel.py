@@ -1,43 +1,119 @@
-"""Independent jobs of one stage (the experts, the score models, the evaluations of several models): one
-after another in-process, or in spawned child processes ``workers`` at a time.
+"""Work in child processes: a pipeline stage that runs a model (``run_in_child``) and the independent jobs
+of one stage (the score models, the evaluations of several models: ``run_jobs``).
 
-Children are spawned, not forked: torch's and the tokenizers' thread pools do not survive a fork. A killed
-child fails its own job with ``BrokenProcessPool`` while the parent survives. Children inherit the
-environment (``MIDPO_HOME``, credentials) and split the parent's torch threads between them, so parallel
-jobs never oversubscribe the cores; a job alone uses all of them (on the tiny world 2 threads train 1.5x
-faster than 1). Figures are reproducible at a fixed thread count: the tiny base and score models come out
-bit-identical on 1 and 2 threads, the router and sampled generation do not. Each child pays seconds of
-imports, so callers spawn only for real work.
+Children come from a fork server that imported torch, transformers and midpo once: starting one costs a
+fork instead of seconds of imports, and nothing is forked from a process whose torch or tokenizer thread
+pools already run (they do not survive a fork). A killed child fails its own job with
+``BrokenProcessPool`` while the parent survives, which is what lets a Prefect task retry it.
+
+Children run in the caller's current environment (``MIDPO_HOME``, credentials) and directory, and get
+an explicit share of torch threads, so parallel jobs never oversubscribe the cores. Figures are
+reproducible at a fixed thread count: the tiny base and score models come out bit-identical on 1 and 2
+threads, the router and sampled generation do not. Children ignore Ctrl-C: the parent stops them
+(:func:`stop_children`), so an interrupted run ends instead of retrying what the signal killed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import multiprocessing
 import os
+import signal
+import sys
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from typing import Any
 
+# Imported once by the fork server; every child forks with them loaded.
+PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "midpo.pipeline", "midpo.train.methods", "midpo.eval.evaluate"]
 
-def _use_threads(n: int) -> None:
+_context: BaseContext | None = None
+_pools: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()  # the pools with live children, to stop them
+_stopping = threading.Event()
+
+
+def _children() -> BaseContext:
+    """The fork-server context (spawn where there is no fork server, i.e. Windows)."""
+    global _context
+    if _context is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _context = multiprocessing.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
+        else:
+            _context = multiprocessing.get_context("spawn")
+    return _context
+
+
+def available_cores() -> int:
+    """The cores this process may run on (``sched_getaffinity`` is Linux-only; macOS has every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Interrupted(RuntimeError):
+    """The run was interrupted (Ctrl-C) while this job waited to start."""
+
+
+def _child_init(threads: int, log_level: int, env: dict[str, str], cwd: str) -> None:
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    torch.set_num_threads(n)
+    # Ctrl-C in a terminal reaches the whole process group: the parent alone decides (stop_children), so a
+    # child never dies of it half-way into a retry.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":  # die with the fork server, which exits with the parent: no orphan keeps a GPU busy
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # The fork server's environment and directory are those of when it started: use the caller's current ones.
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    if not logging.getLogger().handlers:  # the parent's log lines go to stderr; a child's should too
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("midpo").setLevel(log_level)
 
 
-def run_in_children(fn: Callable[..., Any], jobs: Mapping[str, tuple[Any, ...]], workers: int) -> dict[str, Any]:
-    """``{name: fn(*args)}`` for every job, each in a spawned child, at most ``workers`` at once, each child
-    with its share of the parent's torch threads."""
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_in_children(fn: Callable[..., Any], jobs: Mapping[str, tuple[Any, ...]], workers: int, threads: int | None = None) -> dict[str, Any]:
+    """``{name: fn(*args)}`` for every job, each in a child process, at most ``workers`` at once. Each child
+    gets ``threads`` torch threads (default: its share of the parent's)."""
     if not jobs:
         return {}
-    import torch
-
     n = max(1, min(workers, len(jobs)))
-    share = max(1, torch.get_num_threads() // n)
-    with ProcessPoolExecutor(max_workers=n, mp_context=get_context("spawn"), initializer=_use_threads, initargs=(share,)) as pool:
+    share = threads or max(1, _threads() // n)
+    level = logging.getLogger("midpo").getEffectiveLevel()
+    if _stopping.is_set():
+        raise Interrupted("the run was interrupted; no new child process starts")
+    with ProcessPoolExecutor(max_workers=n, mp_context=_children(), initializer=_child_init, initargs=(share, level, dict(os.environ), os.getcwd())) as pool:
+        _pools.add(pool)
         futures = {name: pool.submit(fn, *args) for name, args in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
+
+
+def stop_children() -> None:
+    """Stop the run (Ctrl-C): kill every live child of this process's pools; none starts from now on, and
+    :func:`stopping` tells retry logic not to try again."""
+    _stopping.set()
+    for pool in list(_pools):
+        for process in list(getattr(pool, "_processes", {}).values()):  # the executor has no public kill
+            process.kill()
+
+
+def stopping() -> bool:
+    return _stopping.is_set()
+
+
+def run_in_child(fn: Callable[..., Any], *args: Any, threads: int | None = None) -> Any:
+    """``fn(*args)`` in one child process with ``threads`` torch threads (default: all of the parent's)."""
+    return run_in_children(fn, {"job": args}, 1, threads)["job"]
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Mapping[str, tuple[Any, ...]], workers: int) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class StageOutput:
     cache_hit: bool = False
     # training curves to log, {run name: URI of a transformers ``log_history.json``}: URIs, not the curves
     curves: dict[str, str] = field(default_factory=dict)
+    seconds: float | None = None  # the stage's own wall time (set by the pipeline), without waiting for a slot
 
 
 def _need(inputs: dict[str, ArtifactRef], name: str, stage: str) -> ArtifactRef:
@@ -145,35 +146,47 @@ def refusal_stage(cfg: JudgesConfig, inputs: dict[str, ArtifactRef], dry_run: bo
     return StageOutput({"refusal": ref}, judges_metrics(metrics), hit)
 
 
-def refs_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """The base's reference log-probs of both responses of every pair, shared by every method and the router;
-    it needs no judge."""
-    from midpo.train.passes import reference_artifact, reference_key
+def passes_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The one-time passes every method and the router share: the base's reference log-probs and the
+    judges' reward and cost of both responses of every pair (``refs``, ``scores``)."""
+    from midpo.train.passes import reference_artifact, reference_key, scores_artifact, scores_key
 
-    base, dataset = _need(inputs, "base", "refs"), _need(inputs, "dataset", "refs")
+    base, dataset = _need(inputs, "base", "passes"), _need(inputs, "dataset", "passes")
+    reward, cost = _need(inputs, "reward", "passes"), _need(inputs, "cost", "passes")
     store = ArtifactStore()
     if dry_run:
-        key, _ = reference_key(base, dataset, cfg)
-        return StageOutput({"refs": store.ref(key)}, {}, store.is_complete(key))
-    ref, hit = reference_artifact(base, dataset, cfg, store)
-    return StageOutput({"refs": ref}, {}, hit)
+        keys = {"refs": reference_key(base, dataset, cfg)[0], "scores": scores_key(reward, cost, dataset)[0]}
+        return StageOutput({k: store.ref(key) for k, key in keys.items()}, {}, all(map(store.is_complete, keys.values())))
+    refs, refs_hit = reference_artifact(base, dataset, cfg, store)
+    scores, scores_hit = scores_artifact(reward, cost, dataset, store)
+    return StageOutput({"refs": refs, "scores": scores}, {}, refs_hit and scores_hit)
 
 
-def experts_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
-    """Both SPE-DPO experts (safety: cost margins; helpfulness: reward margins), concurrently, and the
-    baselines the profile asks for (``training.baselines``), after the shared one-time passes."""
-    from midpo.train.methods import EXPERTS, plan_methods, train_methods
+def _methods(names: list[str], cfg: TrainingConfig, inputs: dict[str, ArtifactRef], stage: str, dry_run: bool) -> StageOutput:
+    """Train (or find) the adapters of ``names`` on the shared passes: ``{method: ref}`` and their curves."""
+    from midpo.train.methods import plan_methods, train_methods
     from midpo.train.trainer import LOG_HISTORY
 
-    names = [*EXPERTS, *cfg.baselines]
-    needed = [_need(inputs, name, "experts") for name in ("base", "dataset", "reward", "cost")]
+    needed = [_need(inputs, name, stage) for name in ("base", "dataset", "reward", "cost")]
     if dry_run:
         outputs, complete = plan_methods(names, *needed, cfg)
-        return StageOutput(outputs, {}, complete)
+        return StageOutput({n: outputs[n] for n in names}, {}, complete)
     outputs, metrics, hit = train_methods(names, *needed, cfg)
     store = ArtifactStore()
-    curves = {n: f"{ref.uri}/{LOG_HISTORY}" for n, ref in outputs.items() if LOG_HISTORY in store.manifest(store.key_of(ref.uri))["files"]}
-    return StageOutput(outputs, metrics, hit, curves)
+    curves = {f"{n}-training": f"{outputs[n].uri}/{LOG_HISTORY}" for n in names if LOG_HISTORY in store.manifest(store.key_of(outputs[n].uri))["files"]}
+    return StageOutput({n: outputs[n] for n in names}, {k: v for k, v in metrics.items() if k.split(".", 1)[0] in names}, hit, curves)
+
+
+def expert_stage(name: str, cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """One SPE-DPO expert (``safety-expert``: cost margins; ``helpfulness-expert``: reward margins). The two
+    are stages of their own so that they train side by side, each in its own task and process."""
+    return _methods([name], cfg, inputs, name, dry_run)
+
+
+def baselines_stage(cfg: TrainingConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False) -> StageOutput:
+    """The comparison methods the profile asks for (``training.baselines``), ``cfg.parallel`` at a time in
+    child processes; ``merge-half`` merges the experts trained before."""
+    return _methods(list(cfg.baselines), cfg, inputs, "baselines", dry_run)
 
 
 def _folder(ref: ArtifactRef) -> Path:
@@ -399,10 +412,25 @@ def register_stage(cfg: RegistryConfig, inputs: dict[str, ArtifactRef], dry_run:
         tags = {f"midpo.{n.replace('-', '_')}_version": r.version for n, r in parts.items()}
         tags.update({f"midpo.{n.replace('-', '_')}_uri": r.uri for n, r in parts.items()})
         tags.update({"midpo.model_version": version, "midpo.run_id": mlflow.active_run().info.run_id})
+        tags.update({f"midpo.{n.replace('-', '_')}_run": run for n in TRAINED_LINEAGE if (run := _producing_run(n, parts[n].version))})
         for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, str(registered), key, value)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, str(registered))
     return StageOutput({}, {"registered_version": float(registered)}, bool(found))
+
+
+TRAINED_LINEAGE = ("safety-expert", "helpfulness-expert", "router")  # the registered version names their training runs
+
+
+def _producing_run(output: str, version: str) -> str | None:
+    """The MLflow stage run that produced ``output`` at ``version`` (not one that found it cached)."""
+    import mlflow
+
+    from midpo.tracking import OUTPUT_TAG
+
+    experiment = mlflow.active_run().info.experiment_id
+    runs = mlflow.search_runs([experiment], f"tags.`{OUTPUT_TAG}{output}` = '{version}' and metrics.cache_hit = 0", output_format="list", max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def _registered(client: Any, name: str) -> bool:

@@ -38,6 +38,14 @@ def artifact_root() -> str:
     return root.rstrip("/")
 
 
+def use_standard_s3_retries() -> None:
+    """Every boto3 client of this process retries like :func:`s3_client`'s (standard mode, 8 attempts:
+    5xx, throttling, dropped connections), MLflow's included, which otherwise gets boto3's legacy 5. A
+    choice of the user's (``AWS_RETRY_MODE``, ``AWS_MAX_ATTEMPTS``) wins."""
+    os.environ.setdefault("AWS_RETRY_MODE", "standard")
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", "8")
+
+
 def s3_client() -> Any:
     """A boto3 S3 client; endpoint and credentials come from the standard AWS variables."""
     import boto3
@@ -100,7 +108,7 @@ def _download_s3_object(uri: str) -> Path:
     return target
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -166,7 +174,7 @@ class ArtifactStore:
         manifest = {
             "key": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": {str(p.relative_to(local_dir)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in files},
+            "files": {str(p.relative_to(local_dir)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
             "metadata": metadata or {},
         }
         if self.is_s3:
@@ -197,7 +205,17 @@ class ArtifactStore:
         for p in files:
             client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local_dir).as_posix()}")
         # The manifest goes last and only if absent: concurrent writers cannot overwrite each other.
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest, indent=2).encode(), IfNoneMatch="*")
+        from botocore.exceptions import ClientError
+
+        try:
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest, indent=2).encode(), IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise
+            # A manifest is there: a concurrent writer's, or ours when boto3 retried a PUT that took effect
+            # but whose reply was lost (a dropped connection). Either way the version is complete: keep it.
+            same = self.manifest(key)["files"] == manifest["files"]
+            (log.info if same else log.warning)("artifact %s was published meanwhile%s; keeping it", self.uri(key), "" if same else " with other files")
 
     def children(self, prefix: str) -> list[str]:
         """Names of the folders directly under ``prefix`` (complete or not: check :meth:`is_complete`), sorted."""

@@ -16,6 +16,8 @@ from typing import Any
 
 from midpo.storage import artifact_root, local_copy, midpo_home
 
+OUTPUT_TAG = "midpo.output."  # + output name, on a stage run: the version it produced or found (lineage)
+
 # The embedded defaults this process returned: ``mlflow.set_tracking_uri`` exports its URI as
 # MLFLOW_TRACKING_URI (for subprocesses), so that variable alone no longer says whether the user
 # configured a tracking server (a later MIDPO_HOME would be ignored, experiments would land in ./mlruns).

@@ -169,3 +169,24 @@ def test_cpu_peak_allocated_follows_allocations_and_frees():
     assert 8000 <= peak < 8100 and ops >= 4  # + a few bytes of scalar operands
     keep = torch.ones(500, 500)
     assert moe.cpu_peak_allocated(lambda: keep.T)[0] == 0
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_bench_pipeline_on_tiny_ci(tmp_path, capsys):
+    """Two flow runs on a fresh home: the first computes every stage, the rerun finds every one cached."""
+    from midpo.cli import main
+    from midpo.config import load_config
+    from midpo.pipeline import stages_for
+
+    out = tmp_path / "pipeline.json"
+    assert main(["bench", "pipeline", "--profile", "tiny-ci", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.match(r"^RESULT orchestration_overhead=-?[0-9.]+ rerun_vs_first=[0-9.]+$", lines[-1]), lines[-1]
+    result = json.loads(out.read_text())
+    names = [s.name for s in stages_for(load_config("tiny-ci"))]
+    assert list(result["first"]["stage_seconds"]) == names and result["rerun"]["cache_hits"] == names
+    first = result["first"]
+    assert first["stage_compute_seconds"] == pytest.approx(sum(first["stage_seconds"].values()), abs=0.01)
+    assert result["orchestration_overhead"] == pytest.approx((first["wall_seconds"] - first["stage_compute_seconds"]) / first["wall_seconds"], abs=1e-3)
+    assert 0 < result["rerun_vs_first"] < 1 and result["rerun"]["wall_seconds"] < first["wall_seconds"]
+    assert set(result["met"]) == {"orchestration_overhead", "rerun_vs_first"}

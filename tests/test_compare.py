@@ -78,7 +78,7 @@ def test_costs_count_shared_stages_once(compared):
         assert costs["midpo"][key] > sum(c[key] for c in experts)  # + its router
     assert costs["midpo"]["pairs_seen"] == 72 and costs["midpo"]["includes"] == ["safety-expert", "helpfulness-expert", "router"]
     shared = costs["shared"]
-    assert list(shared["seconds"]) == ["world", "data", "base", "refusal", "judges", "refs", "scores", "dual"]
+    assert list(shared["seconds"]) == ["world", "data", "base", "refusal", "judges", "passes", "dual"]
     assert shared["cache_hits"] == []  # a fresh MIDPO_HOME: this comparison paid for them, once
     assert shared["seconds"]["base"] > 0 and shared["total_seconds"] == pytest.approx(sum(shared["seconds"].values()), abs=0.01)
 
@@ -88,7 +88,7 @@ def test_shared_stages_are_seed_independent(compared):
     first, second = m["run"]["per_seed"]
     for run in (first, second):  # computed before the seeds ran, found by both
         assert {"world", "data", "base", "judges", "dual"} <= set(run["cache_hits"])
-    assert "experts" not in second["cache_hits"] and "router" not in second["cache_hits"] and "eval" not in second["cache_hits"]
+    assert "safety-expert" not in second["cache_hits"] and "router" not in second["cache_hits"] and "eval" not in second["cache_hits"]
     assert first["dataset_version"] == second["dataset_version"]
 
 

@@ -63,9 +63,9 @@ def test_plans_follow_needs():
     names = [s.name for s in STAGES]
     graph = {s.name: s for s in STAGES}
     assert all(names.index(n) < names.index(s.name) for s in STAGES for n in s.needs)  # STAGES order respects needs
-    assert upstream("experts", graph) == {"world", "data", "base", "judges", "refs"}
+    assert upstream("safety-expert", graph) == {"world", "data", "base", "judges", "passes"}
     assert [s.name for s in stages_for(load_config("tiny-ci"), until=["judges", "refusal"])] == ["world", "data", "base", "refusal", "judges"]
-    smollm2 = stages_for(load_config("smollm2"), until="experts")  # no world section: skipped, nothing waits on it
-    assert [s.name for s in smollm2] == ["data", "base", "judges", "refs", "experts"]
+    smollm2 = stages_for(load_config("smollm2"), until="helpfulness-expert")  # no world section: skipped, nothing waits on it
+    assert [s.name for s in smollm2] == ["data", "base", "judges", "passes", "helpfulness-expert"]
     with pytest.raises(ValueError, match="unknown stage"):
         stages_for(load_config("tiny-ci"), until="nope")

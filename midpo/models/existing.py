@@ -38,7 +38,7 @@ from midpo.models.provision import (
     resolve_model,
 )
 from midpo.models.tiny import BASE_META
-from midpo.storage import MANIFEST, ArtifactRef, ArtifactStore, _sha256, local_copy
+from midpo.storage import MANIFEST, ArtifactRef, ArtifactStore, local_copy, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def folder_identity(folder: Path) -> dict[str, Any]:
         meta = json.loads(source_meta.read_text())
         if meta.get("sha256"):
             return {"gguf_sha256": meta["sha256"], "convert_version": meta.get("convert_version", 1)}
-    identity: dict[str, Any] = {"files": {p.name: _sha256(p) for p in model_files(folder) if p.name != SOURCE_META}}
+    identity: dict[str, Any] = {"files": {p.name: sha256_file(p) for p in model_files(folder) if p.name != SOURCE_META}}
     family = _recorded_family(folder)
     if family:  # a folder midpo published before: its template family is part of what it is
         identity["template"] = family
@@ -89,7 +89,7 @@ def source_identity(spec: str | os.PathLike[str]) -> tuple[dict[str, Any], Path 
     """``(identity, resolved folder or None)``: a GGUF source is hashed without converting it."""
     gguf = gguf_source(spec)
     if gguf is not None:
-        return {"gguf_sha256": _sha256(gguf), "convert_version": CONVERT_VERSION}, None
+        return {"gguf_sha256": sha256_file(gguf), "convert_version": CONVERT_VERSION}, None
     folder = resolve_model(spec)
     return folder_identity(folder), folder
 

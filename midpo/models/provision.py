@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from midpo.storage import NotFound, _sha256, local_copy, midpo_home, s3_client, split_s3
+from midpo.storage import NotFound, local_copy, midpo_home, s3_client, sha256_file, split_s3
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def convert_gguf(path: str | os.PathLike[str], *, source: str | None = None) -> 
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ModelSourceError(f"{where}: {path} is not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r}); re-download it or pass a model folder")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     dest = model_cache() / (f"gguf-{digest}" if CONVERT_VERSION == 1 else f"gguf-{digest}-v{CONVERT_VERSION}")
     if (dest / "config.json").is_file():
         log.info("%s: converted folder cached at %s", where, dest)

@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from midpo.storage import MANIFEST, ArtifactStore, _sha256
+from midpo.storage import MANIFEST, ArtifactStore, sha256_file
 from midpo.train.trainer import RUN_FILE, last_checkpoint
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class MirrorCheckpoints(TrainerCallback):
         if claim.is_file():
             key = f"{self.prefix}/{CLAIM_KEY}"
             if self.store.is_complete(key):
-                if self.store.manifest(key)["files"].get(RUN_FILE, {}).get("sha256") != _sha256(claim):
+                if self.store.manifest(key)["files"].get(RUN_FILE, {}).get("sha256") != sha256_file(claim):
                     raise ValueError(f"{self.store.uri(self.prefix)} mirrors checkpoints of another run than {claim}")
             else:
                 with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ from typing import Any
 
 from midpo.config import TrainingConfig
 from midpo.data.schema import content_hash
-from midpo.parallel import run_in_children
+from midpo.parallel import run_jobs
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
 from midpo.train.passes import (
     folder_of,
@@ -185,8 +185,8 @@ def _trained(names: Sequence[str]) -> list[str]:
 def train_methods(
     names: Sequence[str], base: ArtifactRef, dataset: ArtifactRef, reward: ArtifactRef, cost: ArtifactRef, cfg: TrainingConfig
 ) -> tuple[dict[str, ArtifactRef], dict[str, float], bool]:
-    """The shared one-time passes, then every method of ``names``: ``cfg.parallel`` at a time in spawned
-    child processes (a killed child fails its method; the parent survives), then the merged ones.
+    """The shared one-time passes, then every method of ``names``: in-process for one, else ``cfg.parallel``
+    at a time in child processes (a killed child fails its method; the parent survives), then the merged ones.
 
     Returns ``({"refs", "scores", method: ref}, {"<method>.<metric>": value}, all cache hits)``.
     """
@@ -200,7 +200,7 @@ def train_methods(
     done = {n: method_key(n, refs, scores, cfg) for n in _trained(names)}
     todo = [n for n, key in done.items() if not store.is_complete(key)]
     results = {n: (store.ref(key), store.manifest(key)["metadata"].get("metrics", {}), True) for n, key in done.items() if n not in todo}
-    results.update(run_in_children(train_method, {name: (name, base, dataset, refs, scores, cfg) for name in todo}, cfg.parallel))
+    results.update(run_jobs(train_method, {name: (name, base, dataset, refs, scores, cfg) for name in todo}, cfg.parallel))
     for name in done:
         ref, m, hit = results[name]
         outputs[name] = ref
