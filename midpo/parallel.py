@@ -24,7 +24,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -94,7 +94,14 @@ def run_in_children(fn: Callable[..., Any], jobs: Mapping[str, tuple[Any, ...]],
         raise Interrupted("the run was interrupted; no new child process starts")
     with ProcessPoolExecutor(max_workers=n, mp_context=_children(), initializer=_child_init, initargs=(share, level, dict(os.environ), os.getcwd())) as pool:
         _pools.add(pool)
-        futures = {name: pool.submit(fn, *args) for name, args in jobs.items()}
+        try:
+            futures = {name: pool.submit(fn, *args) for name, args in jobs.items()}
+            pending = set(futures.values())
+            while pending:  # with a timeout: a signal handled by another thread never wakes a lock wait
+                _, pending = wait(pending, timeout=0.5)
+        except KeyboardInterrupt:  # Ctrl-C here (midpo compare, in-process stages): the children ignore it
+            stop_children()
+            raise
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -103,7 +110,8 @@ def stop_children() -> None:
     :func:`stopping` tells retry logic not to try again."""
     _stopping.set()
     for pool in list(_pools):
-        for process in list(getattr(pool, "_processes", {}).values()):  # the executor has no public kill
+        # the executor has no public kill; a pool already shut down holds None there
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.kill()
 
 

@@ -50,9 +50,10 @@ def _retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     exc = state.data
     if not isinstance(exc, BaseException) or stopping():  # never after Ctrl-C
         return False
-    if not is_transient(exc):
+    transient = is_transient(exc)
+    if not transient:
         log.error("not retrying: %s is not a transient failure", type(exc).__name__)
-    return is_transient(exc)
+    return transient
 
 
 def gpu_slots() -> int:

@@ -201,3 +201,23 @@ def test_ctrl_c_ends_midpo_run_quickly_and_leaves_no_process(tmp_path):
     while (left := [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if ours(p)]) and time.time() < deadline:
         time.sleep(0.2)
     assert not left
+
+
+def test_ctrl_c_while_waiting_on_children_stops_them():
+    """In-process work (midpo compare, a dry run's stages) waits on child jobs in the main thread: the
+    children ignore Ctrl-C, so the interrupt must stop them rather than wait for their jobs to end."""
+    import _thread
+
+    from midpo import parallel
+
+    timer = threading.Timer(12.0, _thread.interrupt_main)  # after the fork server's imports: the children sleep
+    timer.start()
+    t0 = time.time()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            parallel.run_in_children(time.sleep, {"a": (60,), "b": (60,)}, workers=2)
+        assert time.time() - t0 < 30  # not the children's 60 s
+        assert parallel.stopping()
+    finally:
+        timer.cancel()
+        parallel._stopping.clear()  # this test process goes on running children
