@@ -18,7 +18,7 @@ def prefect_api(cfg: MidpoConfig) -> Iterator[int]:
     A configured API (``PREFECT_API_URL``, a Prefect profile, a test harness) is used as it is. Without
     one, a server of this run's own (``midpo.stack.serve_prefect``, database under ``$MIDPO_HOME/prefect``),
     and Prefect's results there too. The limit is created where missing, sized ``run.gpu_slots`` (default
-    one per visible GPU, 1 without one); an existing one is left as its operator sized it."""
+    one per visible GPU, 1 without one; at least ``run.launch``'s processes); an existing one is left as its operator sized it."""
     if PREFECT_API_URL.value():
         settings = nullcontext()
     else:
@@ -30,6 +30,11 @@ def prefect_api(cfg: MidpoConfig) -> Iterator[int]:
         import torch
         from midpo_tasks.stages import ensure_gpu_limit
 
-        yield ensure_gpu_limit(cfg.run.gpu_slots or torch.cuda.device_count() or 1)
+        from midpo.launch import processes
+
+        slots = cfg.run.gpu_slots or torch.cuda.device_count() or 1
+        if cfg.run.launch is not None:  # a launched stage holds a slot per process
+            slots = max(slots, processes(cfg.run.launch))
+        yield ensure_gpu_limit(slots)
 
 

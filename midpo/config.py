@@ -132,6 +132,9 @@ class TrainingConfig:
     # Methods trained beyond the two experts (midpo-method.md baselines; `midpo compare` asks for all).
     baselines: list[str] = field(default_factory=list)
     methods: dict[str, MethodOverrides] = field(default_factory=dict)  # per-method overrides, by method name
+    # The processes training runs on, filled in from run.launch (not a profile setting): the effective batch
+    # is per_device_batch_size x gradient_accumulation_steps x processes.
+    processes: int = 1
 
     def for_method(self, name: str) -> TrainingConfig:
         """The training config of method ``name``: its overrides applied, the per-method tables dropped
@@ -143,8 +146,9 @@ class TrainingConfig:
     RUNTIME_FIELDS = ("sync_checkpoints", "parallel", "logging_steps")  # where and how a run trains, never what it learns
 
     def recipe(self) -> dict[str, Any]:
-        """The fields that decide what training learns (versions and run claims hash these)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_FIELDS}
+        """The fields that decide what training learns (versions and run claims hash these). One process
+        is left out, so versions trained before launches existed keep their keys."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_FIELDS and (k, v) != ("processes", 1)}
 
     def loss_params(self, name: str) -> dict[str, float]:
         return dict(self.methods[name].loss_params) if name in self.methods else {}
@@ -152,8 +156,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.parallel < 1:
-            raise ValueError("per_device_batch_size, gradient_accumulation_steps and parallel must be >= 1")
+        if min(self.per_device_batch_size, self.gradient_accumulation_steps, self.parallel, self.processes) < 1:
+            raise ValueError("per_device_batch_size, gradient_accumulation_steps, parallel and processes must be >= 1")
         from midpo.train.methods import check_names
 
         check_names([*self.baselines, *self.methods])
@@ -215,6 +219,31 @@ class EvalConfig:
             raise ValueError(f"temperature must be positive (greedy figures come from `greedy`), got {self.temperature}")
 
 
+# The stages that may run on several processes under `accelerate launch` (run.launch): those that train.
+LAUNCHABLE = ("safety-expert", "helpfulness-expert", "baselines", "router")
+
+
+@dataclass
+class LaunchConfig:
+    """Run the training stages on several processes (one per GPU) under ``accelerate launch`` (midpo.launch).
+
+    ``config_file`` is an accelerate config (``infra/accelerate/deepspeed_zero3.yaml``, ``fsdp.yaml``; a
+    relative path is read from the working directory). A launched stage holds ``num_processes`` slots of
+    the ``gpu`` limit (null: one per visible GPU), so with as many processes as GPUs it runs alone.
+    """
+
+    config_file: str
+    num_processes: int | None = None
+    stages: list[str] = field(default_factory=lambda: list(LAUNCHABLE))
+
+    def __post_init__(self) -> None:
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        unknown = [s for s in self.stages if s not in LAUNCHABLE]
+        if unknown:
+            raise ValueError(f"stage {unknown[0]!r} cannot be launched on several processes (only: {', '.join(LAUNCHABLE)})")
+
+
 @dataclass
 class RunConfig:
     """Pipeline-level settings: per-stage time budgets (seconds) and the MLflow experiment."""
@@ -228,6 +257,7 @@ class RunConfig:
     # Stages that run a model at once under `midpo run` (the `gpu` concurrency limit of its own Prefect API;
     # null: one per visible GPU, 1 without one). A deployed flow uses its server's limit (`midpo stack up`).
     gpu_slots: int | None = None
+    launch: LaunchConfig | None = None  # null: every stage in one process
 
     def __post_init__(self) -> None:
         if self.gpu_slots is not None and self.gpu_slots < 1:

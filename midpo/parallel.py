@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import weakref
@@ -33,6 +34,7 @@ PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "midpo.pipeline",
 
 _context: BaseContext | None = None
 _pools: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()  # the pools with live children, to stop them
+_commands: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()  # running launchers (run_command)
 _stopping = threading.Event()
 
 
@@ -57,14 +59,19 @@ class Interrupted(RuntimeError):
     """The run was interrupted (Ctrl-C) while this job waited to start."""
 
 
+def die_with_parent(sig: int) -> None:
+    """Get ``sig`` when the parent process dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, sig)
+
+
 def _child_init(threads: int, log_level: int, env: dict[str, str], cwd: str) -> None:
     import torch
 
     # Ctrl-C in a terminal reaches the whole process group: the parent alone decides (stop_children), so a
     # child never dies of it half-way into a retry.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform == "linux":  # die with the fork server, which exits with the parent: no orphan keeps a GPU busy
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGKILL)  # with the fork server, which exits with the parent: no orphan keeps a GPU busy
     # The fork server's environment and directory are those of when it started: use the caller's current ones.
     os.environ.clear()
     os.environ.update(env)
@@ -113,6 +120,28 @@ def stop_children() -> None:
         # the executor has no public kill; a pool already shut down holds None there
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.kill()
+    for command in list(_commands):
+        if command.poll() is None:
+            # torchrun puts every rank in a session of its own and, on SIGTERM, stops them before it exits
+            os.killpg(command.pid, signal.SIGTERM)
+
+
+def run_command(cmd: list[str], env: Mapping[str, str]) -> int:
+    """Run ``cmd`` (a launcher such as ``accelerate launch``) in a process group of its own and return its
+    exit code. Ctrl-C in a terminal does not reach it (a session of its own): :func:`stop_children` stops it."""
+    if _stopping.is_set():
+        raise Interrupted("the run was interrupted; no new process starts")
+    command = subprocess.Popen(cmd, env=dict(env), start_new_session=True)
+    _commands.add(command)
+    try:
+        while True:  # with a timeout, for the same reason as run_in_children
+            try:
+                return command.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+    except KeyboardInterrupt:
+        stop_children()
+        raise
 
 
 def stopping() -> bool:
@@ -124,9 +153,15 @@ def run_in_child(fn: Callable[..., Any], *args: Any, threads: int | None = None)
     return run_in_children(fn, {"job": args}, 1, threads)["job"]
 
 
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` (torchrun) started for this job; 1 outside a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_jobs(fn: Callable[..., Any], jobs: Mapping[str, tuple[Any, ...]], workers: int) -> dict[str, Any]:
     """:func:`run_in_children` when there is parallel work to do; in-process, one after another, when
-    ``workers`` is 1 or there is a single job (no child to pay for)."""
-    if workers <= 1 or len(jobs) <= 1:
+    ``workers`` is 1, there is a single job (no child to pay for), or under a launcher (every process of
+    the launch runs the same jobs in the same order, so that their collectives match)."""
+    if workers <= 1 or len(jobs) <= 1 or launched_processes() > 1:
         return {name: fn(*args) for name, args in jobs.items()}
     return run_in_children(fn, jobs, workers)

@@ -31,6 +31,7 @@ from midpo import stages, tracking
 from midpo.config import MidpoConfig, RunConfig
 from midpo.eval.report import write_report
 from midpo.judges.score import METRIC_NAMES
+from midpo.launch import launch_stage, launches, section_of
 from midpo.parallel import available_cores, stop_children
 from midpo.stages import StageOutput
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
@@ -146,7 +147,7 @@ def execute_stage(
     stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], dry_run: bool = False, parent_run_id: str | None = None
 ) -> StageOutput:
     """Run one stage on its own config section, tracked as an MLflow run (nested under ``parent_run_id``)."""
-    section = getattr(cfg, stage.section)
+    section = section_of(stage, cfg)
     if dry_run:
         return stage.run(section, dict(inputs), True)
     t0 = time.perf_counter()
@@ -169,6 +170,8 @@ def execute_stage(
 
 
 def _in_process(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], parent_run_id: str | None) -> StageOutput:
+    if launches(cfg, stage):  # on several processes: they cannot be this one
+        return launch_stage(stage, cfg, inputs, parent_run_id)
     return execute_stage(stage, cfg, inputs, parent_run_id=parent_run_id)
 
 

@@ -323,7 +323,7 @@ class EvalJob:
 def run_eval_job(job: EvalJob) -> tuple[ArtifactRef, dict[str, Any], bool]:
     """Evaluate one model once: ``(ref, metrics, cache_hit)``."""
     from midpo.eval.evaluate import evaluate_model, reference_values
-    from midpo.models.load import load_model, load_with_adapter
+    from midpo.models.load import inference_device, load_model, load_with_adapter
 
     store = ArtifactStore()
     if store.is_complete(job.key):
@@ -332,9 +332,9 @@ def run_eval_job(job: EvalJob) -> tuple[ArtifactRef, dict[str, Any], bool]:
     if (folder / "adapter_config.json").is_file():
         if job.base is None:
             raise ConfigError(f"{job.method}: {job.model.uri} is an adapter; its base is needed to evaluate it")
-        lm, tokenizer, template = load_with_adapter(store.fetch(store.key_of(job.base.uri)), folder)
+        lm, tokenizer, template = load_with_adapter(store.fetch(store.key_of(job.base.uri)), folder, inference_device())
     else:
-        lm, tokenizer, template = load_model(folder)
+        lm, tokenizer, template = load_model(folder, inference_device())
     reference = None
     if job.reference is not None:
         reference = reference_values(_read_jsonl(f"{job.reference.uri}/samples.jsonl"))

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from midpo.parallel import launched_processes
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "_MANIFEST.json"
@@ -165,7 +167,22 @@ class ArtifactStore:
         return json.loads(body)
 
     def publish(self, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> ArtifactRef:
-        """Publish ``local_dir`` as version ``key``; a complete version already there is kept, not overwritten."""
+        """Publish ``local_dir`` as version ``key``; a complete version already there is kept, not overwritten.
+
+        Under ``accelerate launch`` (midpo.launch) every process runs the stage and calls this: the main
+        process publishes (its folder holds what the trainer saved), the others wait for it.
+        """
+        if launched_processes() > 1:
+            from accelerate import PartialState
+
+            state = PartialState()
+            if state.is_main_process:
+                self._publish(local_dir, key, metadata)
+            state.wait_for_everyone()
+            return self.ref(key)
+        return self._publish(local_dir, key, metadata)
+
+    def _publish(self, local_dir: Path, key: str, metadata: dict[str, Any] | None) -> ArtifactRef:
         version = key.rstrip("/").rsplit("/", 1)[-1]
         if self.is_complete(key):
             log.info("artifact %s already exists; keeping it", self.uri(key))

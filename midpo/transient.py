@@ -1,6 +1,6 @@
 """Which failures are worth retrying: those a second attempt can get past.
 
-A killed or crashed training process, a dropped connection, an S3 5xx or throttle, a locked SQLite store
+A killed or crashed training process (or launched rank), a dropped connection, an S3 5xx or throttle, a locked SQLite store
 and a CUDA out-of-memory (the trainer already retries with a smaller micro-batch; another attempt may land
 on a freer device) are transient. A bad config, bad data or a bug fails the same way every time: retrying
 it only delays the error, so it is not.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
+
+from midpo.launch import LaunchFailed
 
 # S3 error codes that mean "try again" (botocore's own retry list for throttling and transient errors)
 S3_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException"}
@@ -26,7 +28,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _one(exc: BaseException) -> bool:
-    if isinstance(exc, (BrokenProcessPool, ConnectionError, TimeoutError)):
+    if isinstance(exc, (BrokenProcessPool, LaunchFailed, ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return True

@@ -22,8 +22,9 @@ from prefect import task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from midpo.config import MidpoConfig
+from midpo.config import ConfigError, MidpoConfig
 from midpo.data.schema import content_hash
+from midpo.launch import launch_stage, launches, processes, section_of
 from midpo.parallel import available_cores, run_in_child, stopping
 from midpo.pipeline import Stage, StageOutput, execute_stage
 from midpo.storage import ArtifactRef, ArtifactStore, artifact_root
@@ -41,7 +42,7 @@ def stage_cache_key(_context: Any, parameters: dict[str, Any]) -> str | None:
     stage: Stage = parameters["stage"]
     if stage.name in UNCACHED:
         return None
-    section = getattr(parameters["cfg"], stage.section)
+    section = section_of(stage, parameters["cfg"])
     inputs = {name: [ref.uri, ref.version] for name, ref in sorted(parameters["inputs"].items())}
     return f"midpo-{stage.name}-{content_hash({'inputs': inputs, 'config': dataclasses.asdict(section), 'root': artifact_root()})[:24]}"
 
@@ -96,11 +97,19 @@ TRANSIENT_RETRIES: dict[str, Any] = {
 )
 def run_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], parent_run_id: str | None = None) -> StageOutput:
     """The stage on its upstream stages' outputs, tracked as an MLflow run nested under ``parent_run_id``;
-    a model stage in a child process with its share of the cores."""
+    a model stage in a child process with its share of the cores, or on several processes under
+    ``accelerate launch`` (``run.launch``) holding a slot per process."""
     if not stage.gpu:
         return execute_stage(stage, cfg, inputs, parent_run_id=parent_run_id)
-    with concurrency(GPU, occupy=1, strict=True):
-        threads = cfg.run.torch_threads or max(1, available_cores() // gpu_slots())
+    limit = gpu_slots()
+    slots = processes(cfg.run.launch) if launches(cfg, stage) else 1  # a launch holds a slot per process
+    if slots > limit:
+        raise ConfigError(f"stage {stage.name} launches {slots} processes, but the {GPU!r} concurrency limit has {limit} slot(s): "
+                          f"raise it (prefect gcl update {GPU} --limit {slots}) or lower run.launch.num_processes")
+    with concurrency(GPU, occupy=slots, strict=True):
+        threads = cfg.run.torch_threads or max(1, available_cores() // limit)
+        if launches(cfg, stage):
+            return launch_stage(stage, cfg, inputs, parent_run_id, threads=threads * slots)
         return run_in_child(execute_stage, stage, cfg, inputs, False, parent_run_id, threads=threads)
 
 

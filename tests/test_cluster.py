@@ -431,17 +431,21 @@ def test_alpaca7b_profile_loads_and_matches_the_launch_precision():
         assert yaml.safe_load(path.read_text())["mixed_precision"] == "bf16"
 
 
-def test_alpaca7b_sections_of_the_docs_complete_the_stage_plan(tmp_path):
-    """The sections docs/cluster.md tells to append to configs/alpaca7b.yaml load and give the whole graph
-    (the profile as shipped stops at `passes`: it has no base)."""
+def test_alpaca7b_profile_plans_the_whole_graph_with_its_training_launched_on_every_gpu():
+    """The profile as shipped: every stage of the graph (no world, no baselines), the experts and the router
+    under `accelerate launch` with the ZeRO-3 config, one process per GPU, the paper's effective batch of 32
+    on 8 GPUs. (tests/test_launch.py runs launches for real, on the CPU.)"""
     from midpo.config import load_config
+    from midpo.launch import launches, section_of
     from midpo.pipeline import STAGES, stages_for
 
-    doc = (ROOT / "docs" / "cluster.md").read_text()
-    block = re.search(r"<!-- alpaca7b-sections.*?-->\n```yaml\n(.*?)```", doc, re.DOTALL).group(1)
-    profile = tmp_path / "alpaca7b-full.yaml"
-    profile.write_text((ROOT / "configs" / "alpaca7b.yaml").read_text() + "\n" + block)
-    cfg = load_config(str(profile), ["data.sources.0.uri=s3://midpo/data/pku-saferlhf/train.jsonl"])
-    assert [s.name for s in stages_for(cfg)] == [s.name for s in STAGES if s.name not in ("world", "baselines")]
-    assert cfg.training == load_config("alpaca7b").training  # the paper's settings untouched
-    assert "base" not in {s.name for s in stages_for(load_config("alpaca7b"))}
+    cfg = load_config("alpaca7b", ["run.launch.num_processes=8"])  # null here: one per GPU, and this machine has none
+    plan = stages_for(cfg)
+    assert [s.name for s in plan] == [s.name for s in STAGES if s.name not in ("world", "baselines")]
+    assert [s.name for s in plan if launches(cfg, s)] == ["safety-expert", "helpfulness-expert", "router"]
+    assert (ROOT / cfg.run.launch.config_file).resolve() == ACCELERATE["deepspeed"].resolve()
+    expert = section_of(next(s for s in plan if s.name == "safety-expert"), cfg)
+    assert expert.processes * expert.per_device_batch_size * expert.gradient_accumulation_steps == 32
+    assert section_of(next(s for s in plan if s.name == "router"), cfg).training.processes == 8
+    assert section_of(next(s for s in plan if s.name == "judges"), cfg) == cfg.judges  # one process, one GPU
+    assert load_config("alpaca7b").run.launch.num_processes is None

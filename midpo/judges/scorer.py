@@ -162,14 +162,14 @@ class Scorer:
         ``device``: None = CUDA when available, else CPU. ``family`` forces a template family (``world`` or
         ``chat``); ``chat_template`` (Jinja) replaces the tokenizer's own.
         """
-        import torch
+        from midpo.models.load import inference_device
 
         folder = _folder(path)
         model = load_sequence_scorer(folder, dtype)
         if chat_template is None and _is_safe_rlhf_folder(folder):
             chat_template = _fallback_chat_template(folder)
         tokenizer, template = load_tokenizer_and_template(folder, family, chat_template)
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device or inference_device())
         scorer = cls(model, tokenizer, template, batch_size)
         log.info("scorer %s: %s template, %.2fM params, %s", folder, template.family, model.num_parameters() / 1e6, model.device)
         return scorer

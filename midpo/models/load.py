@@ -53,12 +53,18 @@ def load_model(path_or_folder: str | Path, device: str | torch.device | None = N
     return model, tokenizer, template
 
 
-def load_with_adapter(base: str | Path, adapter: str | Path) -> tuple[Any, Any, PromptTemplate]:
+def inference_device() -> str:
+    """Where the passes that only run a model (reference log-probs, scores, evaluation) run: a GPU when
+    there is one. Training places itself (the Trainer, accelerate)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_with_adapter(base: str | Path, adapter: str | Path, device: str | torch.device | None = None) -> tuple[Any, Any, PromptTemplate]:
     """The base from its own folder with a PEFT adapter merged in (never from the adapter's recorded
     base path, which names the training machine's folder)."""
     from peft import PeftModel
 
-    model, tokenizer, template = load_model(base)
+    model, tokenizer, template = load_model(base, device)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged.eval()
     return merged, tokenizer, template

@@ -190,10 +190,6 @@ def freeze_all_but_gates(model: nn.Module) -> list[str]:
     return trainable
 
 
-def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if is_gate_parameter(n)}
-
-
 # --------------------------------------------------------------------------------------------------
 # Gates during a forward pass
 

@@ -25,7 +25,6 @@ from midpo.moe.core import (
     GateConfig,
     attach_experts,
     gate_regularizer,
-    gate_state_dict,
     is_gate_parameter,
     moe_layers,
     recorded_gates,
@@ -73,7 +72,10 @@ class RouterTrainer(MidpoDPOTrainer):
         """The gates (safetensors, names relative to the model) and the gate config."""
         from safetensors.torch import save_file
 
-        save_file(gate_state_dict(self.model), str(Path(out_dir) / GATES_FILE))
+        gates = {n: t.contiguous() for n, t in self.gathered_state_dict().items() if is_gate_parameter(n)}
+        if not self.accelerator.is_main_process:
+            return
+        save_file(gates, str(Path(out_dir) / GATES_FILE))
         (Path(out_dir) / ROUTER_META).write_text(json.dumps({"gate": self.gate_config, "reg_weight": self.reg_weight}, indent=2))
 
 

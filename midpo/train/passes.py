@@ -46,13 +46,13 @@ def scores_key(reward: ArtifactRef, cost: ArtifactRef, dataset: ArtifactRef) -> 
 
 def reference_artifact(base: ArtifactRef, dataset: ArtifactRef, cfg: TrainingConfig, store: ArtifactStore) -> tuple[ArtifactRef, bool]:
     """Reference log-probs of the base for both responses of every pair, once per (base, data, length, bf16)."""
-    from midpo.models.load import load_model
+    from midpo.models.load import inference_device, load_model
     from midpo.train.refs import reference_table, save_reference_table
 
     key, meta = reference_key(base, dataset, cfg)
     if store.is_complete(key):
         return store.ref(key), True
-    model, tokenizer, template = load_model(folder_of(store, base))
+    model, tokenizer, template = load_model(folder_of(store, base), inference_device())
     table = reference_table(model, tokenizer, template, load_pairs_table(dataset, store), max_length=cfg.max_length, bf16=cfg.bf16)
     with tempfile.TemporaryDirectory(prefix="midpo-refs-") as tmp:
         save_reference_table(table, Path(tmp), meta)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -199,8 +200,15 @@ class MidpoDPOTrainer(DPOTrainer):
     uses_lora = True  # train_adapter attaches a fresh LoRA (peft_lora_config)
 
     def save_trained(self, out_dir: Path) -> None:
-        """The trained result in ``out_dir``: the adapter in PEFT format."""
-        self.model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
+        """The trained result in ``out_dir``: the adapter in PEFT format, written by the main process."""
+        state_dict = self.gathered_state_dict()
+        if self.accelerator.is_main_process:  # adapter_config.json + adapter_model.safetensors
+            self.accelerator.unwrap_model(self.model).save_pretrained(out_dir, state_dict=state_dict)
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state dict, gathered from every process where ZeRO-3 or FSDP shard it (every
+        process must call this). ``Trainer.save_model`` would write nothing under FSDP's sharded state dict."""
+        return self.accelerator.get_state_dict(self.model_wrapped)
 
     @staticmethod
     def _check_model(model: Any, peft_config: Any) -> None:
@@ -427,18 +435,27 @@ def train_adapter(
     if checkpoint_mirror is not None:
         from midpo.train.checkpoints import MirrorCheckpoints, restore_checkpoint
 
-        restore_checkpoint(*checkpoint_mirror, checkpoint_dir)
         callbacks = [*callbacks, MirrorCheckpoints(*checkpoint_mirror)]
-    _claim_checkpoint_dir(Path(checkpoint_dir), run)
+    # Under `accelerate launch` every process runs this function: the main one fetches and claims the
+    # checkpoint folder first, the others then find the same checkpoints and check the same claim.
+    state = PartialState()
+    if cfg.processes != state.num_processes:
+        raise ValueError(f"training.processes is {cfg.processes}, but training runs on {state.num_processes} process(es): "
+                         "run.launch sets it (midpo.launch); do not set it in a profile")
+    with state.main_process_first():
+        if checkpoint_mirror is not None:
+            restore_checkpoint(*checkpoint_mirror, checkpoint_dir)
+        _claim_checkpoint_dir(Path(checkpoint_dir), run)
 
     trainer_cls = trainer_cls or MidpoDPOTrainer
 
     def build(micro_batch: int, accumulation: int) -> MidpoDPOTrainer:
+        split = {"per_device_train_batch_size": micro_batch, "per_device_eval_batch_size": micro_batch, "gradient_accumulation_steps": accumulation}
+        # The arguments before the model: under DeepSpeed ZeRO-3 they make from_pretrained load it sharded.
+        args = dpo_config(cfg, checkpoint_dir, **{**dict(config_overrides or {}), **split})
         model, tokenizer, template = load_model(model_folder)
         if prepare_model is not None:
             prepare_model(model)
-        split = {"per_device_train_batch_size": micro_batch, "per_device_eval_batch_size": micro_batch, "gradient_accumulation_steps": accumulation}
-        args = dpo_config(cfg, checkpoint_dir, **{**dict(config_overrides or {}), **split})
         return trainer_cls(
             model,
             args,
@@ -467,7 +484,7 @@ def train_adapter(
             result = trainer.train(resume_from_checkpoint=resume)
             break
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError on torch >= 2.5, the same class
-            if micro_batch % 2:
+            if micro_batch % 2 or state.num_processes > 1:  # the other processes would wait in a collective
                 raise
         # half the micro-batch, twice the accumulation: the same effective batch, from the last checkpoint.
         # Out of the except block, so the failed step's frames (and the tensors they hold) are gone first.
@@ -485,7 +502,8 @@ def train_adapter(
     trainer.save_trained(out_dir)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    # ds_numel: the full size of a parameter ZeRO-3 partitioned (its numel() is 0 on every process)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     metrics = {
         "pairs": float(len(rows)),
         "steps": float(trainer.state.global_step),
@@ -498,6 +516,7 @@ def train_adapter(
         "micro_batch": float(micro_batch),
         "gradient_accumulation": float(accumulation),
         "oom_retries": float(oom_retries),
+        "processes": float(state.num_processes),
     }
     if trainer.eval_dataset is not None:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
@@ -509,7 +528,8 @@ def train_adapter(
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__},
         "metrics": metrics,
     }
-    (out_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2))
-    (out_dir / LOG_HISTORY).write_text(json.dumps(history, indent=2))
+    if state.is_main_process:
+        (out_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        (out_dir / LOG_HISTORY).write_text(json.dumps(history, indent=2))
     log.info("%s adapter: %d steps in %.1f s, final loss %.4f -> %s", loss_name, metrics["steps"], train_seconds, metrics["final_loss"], out_dir)
     return metrics
