@@ -316,6 +316,15 @@ class MidpoConfig:
     run: RunConfig = field(default_factory=RunConfig)
     description: str = ""
 
+    def __post_init__(self) -> None:
+        launched = set(self.run.launch.stages) if self.run.launch is not None else set()
+        together = {"safety-expert", "helpfulness-expert", *(["baselines"] if self.training.baselines else [])}
+        if launched & together and not together <= launched:
+            # the process count is part of the effective batch: methods compared side by side share it, and
+            # merge-half reuses the experts by version
+            raise ValueError(f"run.launch.stages: launch {', '.join(sorted(together))} together or none of them "
+                             f"(launched: {', '.join(sorted(launched & together))})")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from midpo.config import ConfigError, LaunchConfig, MidpoConfig, TrainingConfig
-from midpo.parallel import run_command
+from midpo.parallel import LAUNCHED, die_with_parent, main_process_first, run_command
 
 if TYPE_CHECKING:
     from midpo.pipeline import Stage
@@ -100,7 +100,7 @@ def launch_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef],
             "--config_file", str(config_file(launch)), "--num_processes", str(n), "--main_process_port", str(_free_port()),
             "-m", "midpo.launch", "rank", str(folder),
         ]
-        env = dict(os.environ)
+        env = {**os.environ, LAUNCHED: "1"}
         if threads:
             env["OMP_NUM_THREADS"] = str(max(1, threads // n))
         log.info("stage %s: launching %d processes with %s", stage.name, n, launch.config_file)
@@ -116,24 +116,33 @@ def launch_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef],
 
 def _run_rank(folder: Path) -> None:
     """One rank: the stage function; on the main rank tracked as a stage run, its output written back."""
+    import signal
+
     import torch
     from accelerate import PartialState
 
     from midpo.pipeline import execute_stage
+    from midpo.storage import ArtifactStore
 
+    die_with_parent(signal.SIGKILL)  # with torchrun, should it be killed before it can stop this rank
     if not torch.cuda.is_available():  # gloo processes on the CPU; TrainingArguments reads the same switch
         os.environ["ACCELERATE_USE_CPU"] = "true"
     state = PartialState(cpu=not torch.cuda.is_available())
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {state.process_index}] %(levelname)s %(name)s: %(message)s")
     stage, cfg, inputs, parent_run_id = pickle.loads((folder / SPEC).read_bytes())
     try:
+        store = ArtifactStore()
+        with main_process_first():  # one download of the inputs (the base) into the local cache, not one per rank
+            for ref in inputs.values():
+                store.fetch(store.key_of(ref.uri))
         if state.is_main_process:
             out = execute_stage(stage, cfg, inputs, parent_run_id=parent_run_id)
             (folder / OUTPUT).write_bytes(pickle.dumps(out))
         else:
             stage.run(section_of(stage, cfg), dict(inputs), False)
     except BaseException as e:
-        if state.is_main_process:
+        # A collective that failed because another rank died says nothing about why: that launch is a LaunchFailed.
+        if state.is_main_process and not isinstance(e, torch.distributed.DistError):
             (folder / ERROR).write_bytes(_pickled_error(e))
         raise
 
@@ -153,8 +162,6 @@ def _run_launcher(args: list[str]) -> None:
     import signal
 
     from accelerate.commands.launch import launch_command, launch_command_parser
-
-    from midpo.parallel import die_with_parent
 
     die_with_parent(signal.SIGTERM)
     launch_command(launch_command_parser().parse_args(args))

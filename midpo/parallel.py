@@ -24,8 +24,9 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -142,6 +143,10 @@ def run_command(cmd: list[str], env: Mapping[str, str]) -> int:
     except KeyboardInterrupt:
         stop_children()
         raise
+    except BaseException:  # anything else ending the wait (a timeout of the task, a bug): this command stops too
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGTERM)
+        raise
 
 
 def stopping() -> bool:
@@ -153,9 +158,25 @@ def run_in_child(fn: Callable[..., Any], *args: Any, threads: int | None = None)
     return run_in_children(fn, {"job": args}, 1, threads)["job"]
 
 
+LAUNCHED = "MIDPO_LAUNCHED"  # set in the processes midpo.launch starts (a pod's own WORLD_SIZE means nothing here)
+
+
 def launched_processes() -> int:
-    """How many processes ``accelerate launch`` (torchrun) started for this job; 1 outside a launcher."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """How many processes ``midpo.launch`` started for this stage; 1 outside a launch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if os.environ.get(LAUNCHED) else 1
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Under a launch, the main process runs the block, then the others (accelerate's ``main_process_first``;
+    every process must enter it); outside one, just the block."""
+    if launched_processes() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Mapping[str, tuple[Any, ...]], workers: int) -> dict[str, Any]:

@@ -257,7 +257,7 @@ def router_stage(cfg: RouterConfig, inputs: dict[str, ArtifactRef], dry_run: boo
             cfg.training, cfg.gate, cfg.reg_weight, tmp, checkpoint_dir=midpo_home() / "checkpoints" / key,
             checkpoint_mirror=mirror, experts={n: versions[n] for n in ("safety-expert", "helpfulness-expert")}, data_version=needed["dual"].version,
         )
-        ref = store.publish(Path(tmp), key, metadata={**versions, "metrics": metrics})
+        ref = store.publish_from_main_process(Path(tmp), key, metadata={**versions, "metrics": metrics})  # under a launch, every process is here
     return StageOutput({"router": ref}, metrics, False, curves)
 
 

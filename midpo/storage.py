@@ -166,23 +166,22 @@ class ArtifactStore:
         body = s3_client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read()
         return json.loads(body)
 
+    def publish_from_main_process(self, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> ArtifactRef:
+        """:meth:`publish` where every process of a launch (midpo.launch) runs the same code, the trained
+        result in the main process's folder only: the main process publishes, the others wait for it (a
+        collective: every process must call it). Outside a launch, plain :meth:`publish`."""
+        if launched_processes() == 1:
+            return self.publish(local_dir, key, metadata)
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:
+            self.publish(local_dir, key, metadata)
+        state.wait_for_everyone()
+        return self.ref(key)
+
     def publish(self, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> ArtifactRef:
-        """Publish ``local_dir`` as version ``key``; a complete version already there is kept, not overwritten.
-
-        Under ``accelerate launch`` (midpo.launch) every process runs the stage and calls this: the main
-        process publishes (its folder holds what the trainer saved), the others wait for it.
-        """
-        if launched_processes() > 1:
-            from accelerate import PartialState
-
-            state = PartialState()
-            if state.is_main_process:
-                self._publish(local_dir, key, metadata)
-            state.wait_for_everyone()
-            return self.ref(key)
-        return self._publish(local_dir, key, metadata)
-
-    def _publish(self, local_dir: Path, key: str, metadata: dict[str, Any] | None) -> ArtifactRef:
+        """Publish ``local_dir`` as version ``key``; a complete version already there is kept, not overwritten."""
         version = key.rstrip("/").rsplit("/", 1)[-1]
         if self.is_complete(key):
             log.info("artifact %s already exists; keeping it", self.uri(key))

@@ -31,6 +31,9 @@ def launched(*stages: str, processes: int = 2) -> list[str]:
     return [f"run.launch.config_file={DDP}", f"run.launch.num_processes={processes}", f"run.launch.stages=[{', '.join(stages)}]"]
 
 
+EXPERTS = launched("safety-expert", "helpfulness-expert")  # launched together or not at all (one effective batch)
+
+
 def expert(overrides: list[str]) -> tuple[str, dict[str, torch.Tensor], dict]:
     """Train (or find) tiny-ci's safety expert in-process: (version, adapter weights, midpo_adapter.json)."""
     summary = run_pipeline(load_config("tiny-ci", overrides), None, until="safety-expert")
@@ -53,8 +56,10 @@ def rank_processes() -> list[psutil.Process]:
 
 def test_two_launched_processes_train_the_adapter_one_process_trains_on_their_global_batch():
     """DDP over 2 processes at 4 pairs each takes the same steps as one process at 8: the same adapter up to
-    float rounding. Only the main rank publishes and tracks; the version records the process count."""
-    version, two, meta = expert([*launched("safety-expert"), "training.per_device_batch_size=4"])
+    float rounding. Only the main rank publishes, tracks and mirrors checkpoints; the version records the
+    process count."""
+    mirrored = ["training.sync_checkpoints=true", "training.save_steps=2"]  # rank 0 alone publishes them, mid-training
+    version, two, meta = expert([*EXPERTS, "training.per_device_batch_size=4", *mirrored])
     one_version, one, one_meta = expert(["training.per_device_batch_size=8"])
     assert meta["metrics"]["processes"] == 2 and one_meta["metrics"]["processes"] == 1
     assert meta["training"]["processes"] == 2 and "processes" not in one_meta["training"]  # one process keeps old versions valid
@@ -64,6 +69,8 @@ def test_two_launched_processes_train_the_adapter_one_process_trains_on_their_gl
     for name in two:
         assert torch.allclose(two[name], one[name], rtol=0, atol=1e-6), (name, (two[name] - one[name]).abs().max())
     assert any(not torch.equal(one[name], torch.zeros_like(one[name])) for name in one)  # it trained
+    store = ArtifactStore()
+    assert store.is_complete(f"checkpoints/adapters/safety-expert/{version}/checkpoint-4")  # 2 was pruned: the newest 2 stay
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(load_config("tiny-ci").run.experiment)
@@ -74,20 +81,33 @@ def test_two_launched_processes_train_the_adapter_one_process_trains_on_their_gl
 def test_an_error_on_the_ranks_reaches_the_caller_as_itself():
     """A config error inside the launched stage is re-raised as that error (so it is not retried); a config
     file that does not exist fails before any process starts."""
-    cfg = load_config("tiny-ci", [*launched("safety-expert"), "training.lora.target_modules=[no_such_module]"])
+    cfg = load_config("tiny-ci", [*EXPERTS, "training.lora.target_modules=[no_such_module]"])
     summary = run_pipeline(load_config("tiny-ci"), None, until="passes")
     stage = next(s for s in STAGES if s.name == "safety-expert")
     with pytest.raises(ValueError, match="no_such_module") as failure:
         launch_stage(stage, cfg, summary.outputs, None)
     assert not is_transient(failure.value)
 
-    missing = load_config("tiny-ci", ["run.launch.config_file=infra/accelerate/nope.yaml", "run.launch.stages=[safety-expert]", "run.launch.num_processes=2"])
+    missing = load_config("tiny-ci", [*EXPERTS, "run.launch.config_file=infra/accelerate/nope.yaml"])
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         launch_stage(stage, missing, summary.outputs, None)
 
 
+def test_a_launched_baselines_stage_merges_once_on_the_main_process():
+    """merge-half in a launched stage: the main process merges the launched experts (the others wait), so
+    the merged adapter names the experts the MoE uses."""
+    summary = run_pipeline(load_config("tiny-ci", [*launched("safety-expert", "helpfulness-expert", "baselines"), "training.baselines=[merge-half]"]), None, until="baselines")
+    store = ArtifactStore()
+    merged = store.manifest(store.key_of(summary.outputs["merge-half"].uri))["metadata"]
+    assert merged["members"] == {m: summary.outputs[m].version for m in ("safety-expert", "helpfulness-expert")}
+    for name in ("safety-expert", "helpfulness-expert"):
+        assert store.manifest(store.key_of(summary.outputs[name].uri))["metadata"]["metrics"]["processes"] == 2
+    with pytest.raises(ConfigError, match="together or none"):  # experts and baselines on different batches
+        load_config("tiny-ci", [*EXPERTS, "training.baselines=[merge-half]"])
+
+
 def test_a_killed_rank_fails_the_launch_as_transient_and_leaves_no_process(midpo_home):
-    cfg = load_config("tiny-ci", [*launched("safety-expert"), "training.seed=7", "training.epochs=40"])  # a new version: it trains
+    cfg = load_config("tiny-ci", [*EXPERTS, "training.seed=7", "training.epochs=40"])  # a new version: it trains
     summary = run_pipeline(load_config("tiny-ci"), None, until="passes")
     stage = next(s for s in STAGES if s.name == "safety-expert")
     killed: list[int] = []
@@ -118,7 +138,7 @@ def test_a_killed_rank_fails_the_launch_as_transient_and_leaves_no_process(midpo
 def test_ctrl_c_while_a_launch_runs_stops_every_rank():
     from midpo import parallel
 
-    cfg = load_config("tiny-ci", [*launched("safety-expert"), "training.seed=8", "training.epochs=50"])
+    cfg = load_config("tiny-ci", [*EXPERTS, "training.seed=8", "training.epochs=50"])
     summary = run_pipeline(load_config("tiny-ci"), None, until="passes")
     stage = next(s for s in STAGES if s.name == "safety-expert")
     seen: list[int] = []

@@ -72,10 +72,10 @@ class RouterTrainer(MidpoDPOTrainer):
         """The gates (safetensors, names relative to the model) and the gate config."""
         from safetensors.torch import save_file
 
-        gates = {n: t.contiguous() for n, t in self.gathered_state_dict().items() if is_gate_parameter(n)}
-        if not self.accelerator.is_main_process:
+        state_dict = self.gathered_state_dict()
+        if not self.accelerator.is_main_process:  # ZeRO-3 gathers onto the main process only
             return
-        save_file(gates, str(Path(out_dir) / GATES_FILE))
+        save_file({n: t.contiguous() for n, t in state_dict.items() if is_gate_parameter(n)}, str(Path(out_dir) / GATES_FILE))
         (Path(out_dir) / ROUTER_META).write_text(json.dumps({"gate": self.gate_config, "reg_weight": self.reg_weight}, indent=2))
 
 

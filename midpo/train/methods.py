@@ -26,7 +26,7 @@ from typing import Any
 
 from midpo.config import TrainingConfig
 from midpo.data.schema import content_hash
-from midpo.parallel import run_jobs
+from midpo.parallel import main_process_first, run_jobs
 from midpo.storage import ArtifactRef, ArtifactStore, midpo_home
 from midpo.train.passes import (
     folder_of,
@@ -131,7 +131,7 @@ def train_method(name: str, base: ArtifactRef, dataset: ArtifactRef, refs: Artif
             checkpoint_mirror=mirror, data_version=dataset.version,
         )
         meta = {"method": name, "base": dataclasses.asdict(base), "dataset": dataset.version, "metrics": metrics}
-        ref = store.publish(Path(tmp), key, metadata=meta)
+        ref = store.publish_from_main_process(Path(tmp), key, metadata=meta)  # under a launch, every process is here
     return ref, metrics, False
 
 
@@ -141,27 +141,31 @@ def merge_key(name: str, adapters: dict[str, ArtifactRef]) -> str:
 
 
 def merge_method(name: str, base: ArtifactRef, adapters: dict[str, ArtifactRef]) -> tuple[ArtifactRef, bool]:
-    """A weighted sum of trained adapters as one PEFT adapter (``cat``: exact, rank = the sum of ranks)."""
+    """A weighted sum of trained adapters as one PEFT adapter (``cat``: exact, rank = the sum of ranks).
+    Under a launch, the main process merges and the others then find the merged adapter."""
     from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from midpo.models.load import load_model
 
     store = ArtifactStore()
     key = merge_key(name, adapters)
-    if store.is_complete(key):
-        return store.ref(key), True
-    members, weights = MERGED[name]
-    model, _, _ = load_model(folder_of(store, base))
-    peft_model = PeftModel.from_pretrained(model, str(folder_of(store, adapters[members[0]])), adapter_name=members[0])
-    for member in members[1:]:
-        peft_model.load_adapter(str(folder_of(store, adapters[member])), adapter_name=member)
-    peft_model.add_weighted_adapter(list(members), list(weights), adapter_name=name, combination_type="cat")
-    for member in members:
-        peft_model.delete_adapter(member)
-    with tempfile.TemporaryDirectory(prefix=f"midpo-{name}-") as tmp:
-        peft_model.save_pretrained(tmp)  # a non-default adapter name lands in a subfolder of that name
-        meta = {"method": name, "members": {m: adapters[m].version for m in members}, "weights": list(weights), "base": dataclasses.asdict(base)}
-        return store.publish(Path(tmp) / name, key, metadata=meta), False
+    with main_process_first():
+        if store.is_complete(key):
+            return store.ref(key), True
+        members, weights = MERGED[name]
+        unset_hf_deepspeed_config()  # ZeRO-3's partitioned loading outlives the training before: a merge needs whole weights
+        model, _, _ = load_model(folder_of(store, base))
+        peft_model = PeftModel.from_pretrained(model, str(folder_of(store, adapters[members[0]])), adapter_name=members[0])
+        for member in members[1:]:
+            peft_model.load_adapter(str(folder_of(store, adapters[member])), adapter_name=member)
+        peft_model.add_weighted_adapter(list(members), list(weights), adapter_name=name, combination_type="cat")
+        for member in members:
+            peft_model.delete_adapter(member)
+        with tempfile.TemporaryDirectory(prefix=f"midpo-{name}-") as tmp:
+            peft_model.save_pretrained(tmp)  # a non-default adapter name lands in a subfolder of that name
+            meta = {"method": name, "members": {m: adapters[m].version for m in members}, "weights": list(weights), "base": dataclasses.asdict(base)}
+            return store.publish(Path(tmp) / name, key, metadata=meta), False
 
 
 def plan_methods(names: Sequence[str], base: ArtifactRef, dataset: ArtifactRef, reward: ArtifactRef, cost: ArtifactRef, cfg: TrainingConfig) -> tuple[dict[str, ArtifactRef], bool]:

@@ -205,9 +205,13 @@ class MidpoDPOTrainer(DPOTrainer):
         if self.accelerator.is_main_process:  # adapter_config.json + adapter_model.safetensors
             self.accelerator.unwrap_model(self.model).save_pretrained(out_dir, state_dict=state_dict)
 
-    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's whole state dict, gathered from every process where ZeRO-3 or FSDP shard it (every
-        process must call this). ``Trainer.save_model`` would write nothing under FSDP's sharded state dict."""
+    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The state dict to save, gathered from every process where ZeRO-3 or FSDP shard the model (every
+        process must call this; the main process gets the result). ``Trainer.save_model`` would write
+        nothing under FSDP's sharded state dict."""
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            # what Trainer.save_model gathers for PEFT under ZeRO-3: the parameters that trained, not the base
+            return self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
         return self.accelerator.get_state_dict(self.model_wrapped)
 
     @staticmethod
