@@ -141,10 +141,17 @@ def _run_rank(folder: Path) -> None:
         else:
             stage.run(section_of(stage, cfg), dict(inputs), False)
     except BaseException as e:
-        # A collective that failed because another rank died says nothing about why: that launch is a LaunchFailed.
-        if state.is_main_process and not isinstance(e, torch.distributed.DistError):
+        if state.is_main_process and not _peer_failed(e):
             (folder / ERROR).write_bytes(_pickled_error(e))
         raise
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """A collective that failed because another rank died (NCCL: a ``DistError``; gloo: a RuntimeError of its
+    transport). It says nothing about why: the launch then fails as a :class:`LaunchFailed`."""
+    import torch.distributed
+
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/transport" in str(e))
 
 
 def _pickled_error(e: BaseException) -> bytes:

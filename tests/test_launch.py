@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
 import threading
 import time
 
@@ -43,15 +44,24 @@ def expert(overrides: list[str]) -> tuple[str, dict[str, torch.Tensor], dict]:
 
 
 def rank_processes() -> list[psutil.Process]:
+    """The ranks of this module's launches, orphans included (they are nobody's children)."""
     found = []
-    for proc in psutil.Process().children(recursive=True):
+    for proc in psutil.process_iter():
         try:
             cmd = proc.cmdline()
-            if cmd[-3:-1] == ["midpo.launch", "rank"] and "accelerate" not in cmd:  # not the launcher, which names it too
+            # not the launcher, which names the ranks' command too
+            if cmd[-3:-1] == ["midpo.launch", "rank"] and "accelerate" not in cmd and proc.environ().get("MIDPO_HOME") == os.environ["MIDPO_HOME"]:
                 found.append(proc)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
     return found
+
+
+def no_rank_left(seconds: float = 15) -> bool:
+    deadline = time.time() + seconds
+    while rank_processes() and time.time() < deadline:
+        time.sleep(0.2)
+    return rank_processes() == []
 
 
 def test_two_launched_processes_train_the_adapter_one_process_trains_on_their_global_batch():
@@ -131,8 +141,7 @@ def test_a_killed_rank_fails_the_launch_as_transient_and_leaves_no_process(midpo
         launch_stage(stage, cfg, summary.outputs, None)
     killer.join(timeout=1)
     assert killed and is_transient(failure.value)
-    time.sleep(1)
-    assert rank_processes() == []
+    assert no_rank_left()
 
 
 def test_ctrl_c_while_a_launch_runs_stops_every_rank():
@@ -157,8 +166,7 @@ def test_ctrl_c_while_a_launch_runs_stops_every_rank():
             launch_stage(stage, cfg, summary.outputs, None)
         watcher.join(timeout=1)
         assert len(seen) == 2
-        time.sleep(1)
-        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in seen)
+        assert no_rank_left()
     finally:
         parallel._stopping.clear()  # this test process goes on running children
 
