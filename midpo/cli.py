@@ -157,6 +157,7 @@ def run_flow(cfg: MidpoConfig, profile: str, overrides: list[str], report_dir: P
 
 def cmd_run(args: argparse.Namespace) -> int:
     from midpo.config import load_config
+    from midpo.launch import launches, processes
     from midpo.pipeline import default_report_dir, run_pipeline, stages_for
 
     cfg = load_config(args.profile, args.overrides)
@@ -170,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for stage in stages_for(cfg):
         status = "cache hit" if stage.name in run["cache_hits"] else ("would run" if args.dry_run else "ran")
         line = f"{stage.name:18s} {status:10s}"
+        if launches(cfg, stage):
+            line += f"  on {processes(cfg.run.launch)} processes ({cfg.run.launch.config_file})"
         if not args.dry_run:
             seconds, budget = run["stage_seconds"][stage.name], budgets.get(stage.name)
             over = budget is not None and seconds > budget

@@ -354,10 +354,13 @@ def eval_stage(cfg: EvalConfig, inputs: dict[str, ArtifactRef], dry_run: bool = 
     and baselines once they exist, then for the MoE."""
     from midpo.eval.sets import build_eval_sets
 
-    sets = build_eval_sets(cfg.sets, inputs)
-    judges = {k: inputs[k] for k in ("reward", "cost", "refusal") if k in inputs}
     methods = [m for m in METHODS if m in inputs and f"eval/{m}" not in inputs]
     store = ArtifactStore()
+    if dry_run and not all(store.is_complete(store.key_of(r.uri)) for r in inputs.values()):
+        # a plan ahead of its inputs: the sets (from the dataset) and the models are not there to key by yet
+        return StageOutput({f"eval/{m}": store.ref(f"eval/{m}/planned") for m in methods}, {}, False)
+    sets = build_eval_sets(cfg.sets, inputs)
+    judges = {k: inputs[k] for k in ("reward", "cost", "refusal") if k in inputs}
 
     def job(method: str, reference: ArtifactRef | None = None) -> EvalJob:
         return EvalJob(method, inputs[method], sets, cfg, inputs.get("base"), judges, reference)

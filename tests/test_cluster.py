@@ -449,3 +449,23 @@ def test_alpaca7b_profile_plans_the_whole_graph_with_its_training_launched_on_ev
     assert section_of(next(s for s in plan if s.name == "router"), cfg).training.processes == 8
     assert section_of(next(s for s in plan if s.name == "judges"), cfg) == cfg.judges  # one process, one GPU
     assert load_config("alpaca7b").run.launch.num_processes is None
+
+
+def test_alpaca7b_dry_run_on_a_fresh_machine_plans_every_stage_and_its_launches(midpo_home):
+    """docs/cluster.md's step 3: the plan before anything exists (the judges and eval cannot be keyed by a
+    base or dataset not built yet, and must not fail for it), with the launched stages named. Local copies
+    stand in for the hub's base and data."""
+    out = subprocess.run(
+        [sys.executable, "-m", "midpo.cli", "run", "--profile", "alpaca7b", "--dry-run", "--set", "run.launch.num_processes=8",
+         "--set", "data.sources.0.uri=builtin:pku_saferlhf_sample.jsonl", "--set", "base.model=smollm2"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+    from midpo.config import load_config
+    from midpo.pipeline import stages_for
+
+    plan = [s.name for s in stages_for(load_config("alpaca7b", ["run.launch.num_processes=8"]))]
+    assert all("would run" in lines[name] for name in plan)
+    launched = [name for name in plan if "on 8 processes (infra/accelerate/deepspeed_zero3.yaml)" in lines[name]]
+    assert launched == ["safety-expert", "helpfulness-expert", "router"]

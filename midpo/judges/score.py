@@ -347,7 +347,11 @@ def score_key(kind: Kind, cfg: ScoreConfig, base_version: str, dataset_version: 
 
 
 def score_model_ref(kind: Kind, cfg: ScoreConfig, base: Path | str | ArtifactRef, dataset_ref: ArtifactRef, store: ArtifactStore) -> ArtifactRef:
-    """The reference :func:`train_score_model` publishes to (for dry runs: is it there already?)."""
+    """The reference :func:`train_score_model` publishes to (for dry runs: is it there already?). A base the
+    plan has not published yet has no content version: the planned reference stands on its version instead,
+    and nothing built on it is a cache hit."""
+    if isinstance(base, ArtifactRef) and not store.is_complete(store.key_of(base.uri)):
+        return store.ref(score_key(kind, cfg, f"planned:{base.version}", dataset_ref.version))
     key = score_key(kind, cfg, _resolve_base(base, store)[1], dataset_ref.version)
     return store.ref(key)
 
