@@ -173,49 +173,31 @@ def test_ctrl_c_while_a_launch_runs_stops_every_rank():
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_the_flow_launches_the_experts_and_the_router_holding_a_slot_per_process():
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    from midpo_flows.pipeline import midpo
-    from test_flow import set_gpu_limit
+    from test_flow import flow_run, set_gpu_limit, stage_runs
 
     overrides = launched("safety-expert", "helpfulness-expert", "router")
 
-    def run() -> tuple[object, dict[str, list]]:
-        state = midpo(profile="tiny-ci", overrides=overrides, return_state=True)
-        with get_client(sync_client=True) as client:
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-        by_name: dict[str, list] = {}
-        for tr in task_runs:
-            by_name.setdefault(tr.name, []).append(tr)
-        return state, by_name
-
     set_gpu_limit(1)  # a launch of 2 processes cannot hold 2 slots of 1: a config error, not retried
-    state, tasks = run()
+    state, tasks = flow_run(*overrides)
     assert state.is_failed()
     assert tasks["safety-expert"][0].run_count == 1
     with pytest.raises(ConfigError, match="launches 2 processes, but the 'gpu' concurrency limit has 1 slot"):
         state.result()
 
     set_gpu_limit(2)
-    state, tasks = run()
+    state, tasks = flow_run(*overrides)
     assert state.is_completed()
     summary = state.result()
     store = ArtifactStore()
     for name in ("safety-expert", "helpfulness-expert", "router"):
         meta = store.manifest(store.key_of(summary["outputs"][name]))["metadata"]
         assert meta["metrics"]["processes"] == 2, name
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.get_experiment_by_name(load_config("tiny-ci").run.experiment)
-    runs = mlflow.MlflowClient().search_runs([experiment.experiment_id], "tags.`midpo.stage` != ''")
-    latest = {}
-    for r in sorted(runs, key=lambda r: r.info.start_time):
-        latest[r.data.tags["midpo.stage"]] = r.info
     # each launch held both slots: the experts trained one after the other
-    safety, helpful = latest["safety-expert"], latest["helpfulness-expert"]
+    runs = stage_runs()
+    safety, helpful = runs["safety-expert"].info, runs["helpfulness-expert"].info
     assert safety.end_time <= helpful.start_time or helpful.end_time <= safety.start_time
 
-    again, tasks = run()  # the Prefect cache key holds the process count: all cached
+    again, tasks = flow_run(*overrides)  # the Prefect cache key holds the process count: all cached
     assert set(again.result()["run"]["cache_hits"]) == set(summary["run"]["stage_seconds"])
     assert {tasks[name][0].state_name for name in ("safety-expert", "helpfulness-expert", "router")} == {"Cached"}
     assert again.result()["outputs"] == summary["outputs"]
