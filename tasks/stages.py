@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
@@ -106,7 +107,10 @@ def run_stage(stage: Stage, cfg: MidpoConfig, inputs: dict[str, ArtifactRef], pa
     if slots > limit:
         raise ConfigError(f"stage {stage.name} launches {slots} processes, but the {GPU!r} concurrency limit has {limit} slot(s): "
                           f"raise it (prefect gcl update {GPU} --limit {slots}) or lower run.launch.num_processes")
+    asked = time.monotonic()
     with concurrency(GPU, occupy=slots, strict=True):
+        # in the task run's log: when the stage got its slots, the start of its time on the hardware
+        get_run_logger().info("%s holds %d %r slot(s) of %d after %.1f s", stage.name, slots, GPU, limit, time.monotonic() - asked)
         threads = cfg.run.torch_threads or max(1, available_cores() // limit)
         if launches(cfg, stage):
             return launch_stage(stage, cfg, inputs, parent_run_id, threads=threads * slots)
