@@ -129,31 +129,32 @@ def test_source_limit_slices_and_versions_the_data(tmp_path):
 # The real SmolLM2-135M-Instruct: the whole pipeline on a few pairs and prompts (minutes on 2 CPU cores)
 
 SMOKE = [
-    # 36 short pairs (12 per source; half of them in the eval split, so the real eval sets have a few
-    # prompts): the limit counts usable pairs, after `too_long` exclusions. The experts' scores pass scores
-    # every response of every pair whole (no max_length) in batches of 64 padded to the longest row.
-    *(f"data.sources.{i}.limit=12" for i in range(3)),
+    # 24 short pairs (half of them in the eval split, so the real eval sets have a few prompts): the limit
+    # counts usable pairs, after `too_long` exclusions. The passes stage scores every response of every
+    # pair whole (no max_length): its time grows with the pairs' tokens, and it is most of this test's.
+    "data.sources.0.limit=12",  # hh: enough for a single-turn harmful prompt in the eval split
+    *(f"data.sources.{i}.limit=6" for i in (1, 2)),
     "data.max_chars=600",
     "data.eval_fraction=0.5",
-    *(f"judges.{kind}.{k}" for kind in ("reward", "cost") for k in ("max_pairs=4", "batch_size=2")),
+    *(f"judges.{kind}.{k}" for kind in ("reward", "cost") for k in ("max_pairs=2", "batch_size=2")),
     "judges.refusal.max_length=16",
     "judges.refusal.prompt_folds=2",
     "judges.refusal.sources=[builtin:xstest_labeled/xstest_v2_completions_gpt4_labeled.csv]",
     "training.max_steps=2",
     "training.baselines=[dpo-mix]",  # one baseline through the same trainer
     "training.per_device_batch_size=2",
-    "training.max_length=256",
+    "training.max_length=128",
     "training.save_strategy='no'",  # quoted: YAML reads a bare no as false
     "router.training.max_steps=2",
     "router.training.per_device_batch_size=2",
-    "router.training.max_length=256",
+    "router.training.max_length=128",
     "router.training.save_strategy='no'",
     "eval.n_per_set=2",
     "eval.samples_per_prompt=1",
     "eval.max_new_tokens=8",
     "eval.greedy=false",
     "eval.batch_size=8",
-    "run.torch_threads=1",
+    "run.torch_threads=2",  # the stages run one at a time in this process: both cores (1 took 1.5x as long)
 ]
 
 

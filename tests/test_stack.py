@@ -13,12 +13,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from midpo import stack
 from midpo.cli import main
+
+EXPERTS = ("safety-expert", "helpfulness-expert")
 
 
 def _cli(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -136,6 +139,10 @@ def test_the_deployment_runs_the_pipeline_on_the_stack(running, capsys):
         (flow_run,) = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}).raise_for_status().json()
         assert flow_run["state"]["type"] == "COMPLETED"
         tasks = {t["name"]: t for t in api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()}
+        # when each expert got its gpu slot: the line its task run logs then
+        logs = api.post("/logs/filter", json={"logs": {"task_run_id": {"any_": [tasks[e]["id"] for e in EXPERTS]}}}).raise_for_status().json()
+        slot_taken = {next(e for e in EXPERTS if tasks[e]["id"] == line["task_run_id"]): datetime.fromisoformat(line["timestamp"])
+                      for line in logs if " slot(s) of " in line["message"]}
     assert {"safety-expert", "helpfulness-expert", "register"} <= set(tasks) and "gpu" in tasks["safety-expert"]["tags"]
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
@@ -152,9 +159,9 @@ def test_the_deployment_runs_the_pipeline_on_the_stack(running, capsys):
     assert version.tags["midpo.base_version"] == by_stage["base"].data.tags["midpo.output.base"]
     for stage in ("safety-expert", "helpfulness-expert", "router"):
         assert version.tags[f"midpo.{stage.replace('-', '_')}_run"] == by_stage[stage].info.run_id
-    # the two experts trained at once (a gpu limit of 2): their stage runs, opened after the slot, overlap
-    safety, helpful = by_stage["safety-expert"].info, by_stage["helpfulness-expert"].info
-    assert safety.start_time < helpful.end_time and helpful.start_time < safety.end_time
+    # the two experts ran side by side (a gpu limit of 2): each took its slot before the other's task run ended
+    ended = {e: datetime.fromisoformat(tasks[e]["end_time"]) for e in EXPERTS}
+    assert slot_taken["safety-expert"] < ended["helpfulness-expert"] and slot_taken["helpfulness-expert"] < ended["safety-expert"]
 
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
