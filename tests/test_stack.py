@@ -139,10 +139,13 @@ def test_the_deployment_runs_the_pipeline_on_the_stack(running, capsys):
         (flow_run,) = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}).raise_for_status().json()
         assert flow_run["state"]["type"] == "COMPLETED"
         tasks = {t["name"]: t for t in api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()}
-        # when each expert got its gpu slot: the line its task run logs then
-        logs = api.post("/logs/filter", json={"logs": {"task_run_id": {"any_": [tasks[e]["id"] for e in EXPERTS]}}}).raise_for_status().json()
-        slot_taken = {next(e for e in EXPERTS if tasks[e]["id"] == line["task_run_id"]): datetime.fromisoformat(line["timestamp"])
-                      for line in logs if " slot(s) of " in line["message"]}
+
+        def slot_taken(expert: str) -> datetime:  # when the expert got its gpu slot: the line its task run logs then
+            logs = api.post("/logs/filter", json={"logs": {"task_run_id": {"any_": [tasks[expert]["id"]]}}}).raise_for_status().json()
+            (line,) = [entry for entry in logs if " slot(s) of " in entry["message"]]
+            return datetime.fromisoformat(line["timestamp"])
+
+        taken = {e: slot_taken(e) for e in EXPERTS}
     assert {"safety-expert", "helpfulness-expert", "register"} <= set(tasks) and "gpu" in tasks["safety-expert"]["tags"]
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
@@ -161,7 +164,7 @@ def test_the_deployment_runs_the_pipeline_on_the_stack(running, capsys):
         assert version.tags[f"midpo.{stage.replace('-', '_')}_run"] == by_stage[stage].info.run_id
     # the two experts ran side by side (a gpu limit of 2): each took its slot before the other's task run ended
     ended = {e: datetime.fromisoformat(tasks[e]["end_time"]) for e in EXPERTS}
-    assert slot_taken["safety-expert"] < ended["helpfulness-expert"] and slot_taken["helpfulness-expert"] < ended["safety-expert"]
+    assert taken["safety-expert"] < ended["helpfulness-expert"] and taken["helpfulness-expert"] < ended["safety-expert"]
 
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
