@@ -30,6 +30,7 @@ from midpo.data.schema import content_hash
 from midpo.models.tiny import base_key
 from midpo.parallel import run_jobs
 from midpo.storage import ArtifactRef, ArtifactStore, local_copy
+from midpo.tracking import OUTPUT_TAG, tracking_uri
 from midpo.world import EVAL_SETS, vocabulary
 from midpo.world.artifact import SFT, build_world
 from midpo.world.config import WorldConfig
@@ -401,7 +402,7 @@ def register_stage(cfg: RegistryConfig, inputs: dict[str, ArtifactRef], dry_run:
 
     parts = {n: _need(inputs, n, "register") for n in LINEAGE}
     version = parts["midpo"].version
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri())  # a dry run has no stage run to set it
     found = client.search_model_versions(f"name = '{cfg.model_name}' and tags.`midpo.model_version` = '{version}'") if _registered(client, cfg.model_name) else []
     if dry_run:
         return StageOutput({}, {}, bool(found))
@@ -428,8 +429,6 @@ TRAINED_LINEAGE = ("safety-expert", "helpfulness-expert", "router")  # the regis
 def _producing_run(output: str, version: str) -> str | None:
     """The MLflow stage run that produced ``output`` at ``version`` (not one that found it cached)."""
     import mlflow
-
-    from midpo.tracking import OUTPUT_TAG
 
     experiment = mlflow.active_run().info.experiment_id
     runs = mlflow.search_runs([experiment], f"tags.`{OUTPUT_TAG}{output}` = '{version}' and metrics.cache_hit = 0", output_format="list", max_results=1)

@@ -451,16 +451,20 @@ def test_alpaca7b_profile_plans_the_whole_graph_with_its_training_launched_on_ev
     assert load_config("alpaca7b").run.launch.num_processes is None
 
 
-def test_alpaca7b_dry_run_on_a_fresh_machine_plans_every_stage_and_its_launches(midpo_home):
+def test_alpaca7b_dry_run_on_a_fresh_machine_plans_every_stage_and_its_launches(midpo_home, tmp_path):
     """docs/cluster.md's step 3: the plan before anything exists (the judges and eval cannot be keyed by a
     base or dataset not built yet, and must not fail for it), with the launched stages named. Local copies
-    stand in for the hub's base and data."""
+    stand in for the hub's base and data. Nothing is written where the command runs (MLflow's default
+    store would be ./mlflow.db)."""
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
     out = subprocess.run(
         [sys.executable, "-m", "midpo.cli", "run", "--profile", "alpaca7b", "--dry-run", "--set", "run.launch.num_processes=8",
          "--set", "data.sources.0.uri=builtin:pku_saferlhf_sample.jsonl", "--set", "base.model=smollm2"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, cwd=workdir,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not list(workdir.iterdir())
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
     from midpo.config import load_config
     from midpo.pipeline import stages_for
